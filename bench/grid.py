@@ -1,0 +1,101 @@
+"""From names and ``-o`` overrides to the list of cells: the grid, with sweeps expanded."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from bench.cell import CellSpec, StageSpec
+from bench.config import build_config, expand_sweeps, parse_field_values, parse_override
+from bench.engine import TrainConfig
+from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, PROFILES, BenchError
+
+OVERRIDE_SECTIONS = ("attack", "defense", "train", "finetune")
+
+
+@dataclass
+class GridRequest:
+    dataset: str
+    profile: str = "quick"
+    model: str | None = None            # None: the profile's model
+    attacks: list[str] | None = None    # None: every registered attack
+    defenses: list[str] | None = None   # None: every registered defense
+    seeds: list[int] = field(default_factory=lambda: [0])
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ParsedOverrides:
+    attack: dict[str, dict[str, list]] = field(default_factory=dict)    # name -> field -> values
+    defense: dict[str, dict[str, list]] = field(default_factory=dict)
+    train: dict[str, list] = field(default_factory=dict)
+    finetune: dict[str, list] = field(default_factory=dict)
+
+
+def parse_overrides(texts: list[str]) -> ParsedOverrides:
+    parsed = ParsedOverrides()
+    for text in texts:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        section = parts[0]
+        if section in ("attack", "defense"):
+            if len(parts) != 3:
+                raise BenchError(f"bad override {key!r}: expected {section}.<name>.<field>=value")
+            registry = ATTACKS if section == "attack" else DEFENSES
+            plugin = registry.get(parts[1])
+            values = parse_field_values(plugin.Config, parts[2], value, key)
+            getattr(parsed, section).setdefault(parts[1], {})[parts[2]] = values
+        elif section in ("train", "finetune"):
+            if len(parts) != 2:
+                raise BenchError(f"bad override {key!r}: expected {section}.<field>=value")
+            getattr(parsed, section)[parts[1]] = parse_field_values(TrainConfig, parts[1], value, key)
+        else:
+            raise BenchError(f"bad override {key!r}: the section must be one of {', '.join(OVERRIDE_SECTIONS)}")
+    return parsed
+
+
+def _validate_model(name: str) -> None:
+    if not name.startswith("timm:"):
+        MODELS.get(name)
+
+
+def stage_specs(request: GridRequest, parsed: ParsedOverrides, attack: str) -> list[StageSpec]:
+    profile = PROFILES.get(request.profile)
+    DATASETS.get(request.dataset)
+    model = request.model or profile.model
+    _validate_model(model)
+    attack_cls = ATTACKS.get(attack)
+    specs = []
+    for attack_values in expand_sweeps(parsed.attack.get(attack, {})):
+        attack_config = dataclasses.asdict(build_config(attack_cls.Config, attack_values))
+        for train_values in expand_sweeps(parsed.train):
+            train = dataclasses.asdict(dataclasses.replace(profile.train_for(request.dataset), **train_values))
+            for finetune_values in expand_sweeps(parsed.finetune):
+                finetune = dataclasses.asdict(dataclasses.replace(profile.finetune, **finetune_values))
+                for seed in request.seeds:
+                    specs.append(StageSpec(request.dataset, model, attack, attack_config, seed, profile.name,
+                                           train, finetune, profile.eval_batch_size, profile.curve_samples))
+    return specs
+
+
+def expand(request: GridRequest) -> list[CellSpec]:
+    """Every cell of the grid, stages in order so each stage's defenses follow it."""
+    parsed = parse_overrides(request.overrides)
+    attacks = request.attacks or ATTACKS.names()
+    defenses = request.defenses or DEFENSES.names()
+    for name in defenses:
+        DEFENSES.get(name)
+    for name in list(parsed.defense):
+        if name not in defenses:
+            raise BenchError(f"override for defense {name!r}, which is not in the grid ({', '.join(defenses)})")
+    for name in list(parsed.attack):
+        if name not in attacks:
+            raise BenchError(f"override for attack {name!r}, which is not in the grid ({', '.join(attacks)})")
+    cells = []
+    for attack in attacks:
+        for stage in stage_specs(request, parsed, attack):
+            for defense in defenses:
+                defense_cls = DEFENSES.get(defense)
+                for values in expand_sweeps(parsed.defense.get(defense, {})):
+                    config = dataclasses.asdict(build_config(defense_cls.Config, values))
+                    cells.append(CellSpec(stage, defense, config))
+    return cells

@@ -1,0 +1,58 @@
+"""Profiles: named bundles of defaults (model, training recipe, fine-tuning recipe). Explicit options win."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bench.engine import TrainConfig
+from bench.registry import register_profile
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    model: str
+    train: TrainConfig                 # the attack stage (undefended model)
+    finetune: TrainConfig              # default recipe of defenses that fine-tune
+    epochs_by_dataset: dict[str, int] = field(default_factory=dict)
+    eval_batch_size: int = 1024
+    curve_samples: int = 1000          # test samples behind the per-epoch curves (0: no curves)
+
+    def train_for(self, dataset: str) -> TrainConfig:
+        from dataclasses import replace
+
+        return replace(self.train, epochs=self.epochs_by_dataset.get(dataset, self.train.epochs))
+
+
+def _define(profile: Profile) -> Profile:
+    register_profile(profile.name)(profile)
+    return profile
+
+
+SMOKE = _define(Profile(
+    name="smoke",
+    description="seconds per cell on CPU: small CNN, few epochs; for tests on the synthetic dataset",
+    model="small-cnn",
+    train=TrainConfig(epochs=12, batch_size=128, lr=0.05, schedule="cosine"),
+    finetune=TrainConfig(epochs=5, batch_size=128, lr=0.01, schedule="cosine"),
+    curve_samples=500,
+))
+
+QUICK = _define(Profile(
+    name="quick",
+    description="CPU-friendly: small CNN, 10 epochs, defenses fine-tune 5 epochs (Fashion-MNIST grid ~1 h on 2 cores)",
+    model="small-cnn",
+    train=TrainConfig(epochs=10, batch_size=128, lr=0.05, schedule="cosine"),
+    finetune=TrainConfig(epochs=5, batch_size=128, lr=0.01, schedule="cosine"),
+))
+
+STANDARD = _define(Profile(
+    name="standard",
+    description="BackdoorBench-comparable: PreAct-ResNet18, SGD lr 0.01 m 0.9 wd 5e-4, batch 128, cosine; "
+                "100 epochs (50 on GTSRB), defenses 20",
+    model="preact-resnet18",
+    train=TrainConfig(epochs=100, batch_size=128, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
+    finetune=TrainConfig(epochs=20, batch_size=128, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
+    epochs_by_dataset={"gtsrb": 50},
+    eval_batch_size=512,
+))

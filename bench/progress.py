@@ -1,0 +1,59 @@
+"""One shared rich progress display, so nested bars (grid > cell > epoch) render together."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+_progress: Progress | None = None
+_depth = 0
+
+
+def enabled() -> bool:
+    return os.environ.get("BENCH_PROGRESS", "1") != "0" and sys.stderr.isatty()
+
+
+class Task:
+    def __init__(self, progress: Progress | None, task_id: int | None) -> None:
+        self._progress, self._task_id = progress, task_id
+
+    def advance(self, amount: float = 1, **fields: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task_id, advance=amount, **({"info": " ".join(f"{k}={v}" for k, v in fields.items())} if fields else {}))
+
+    def update(self, **fields: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task_id, info=" ".join(f"{k}={v}" for k, v in fields.items()))
+
+
+@contextlib.contextmanager
+def task(description: str, total: float | None) -> Iterator[Task]:
+    """A progress bar for the duration of the block (silent when stderr is not a terminal)."""
+    global _progress, _depth
+    if not enabled():
+        yield Task(None, None)
+        return
+    if _progress is None:
+        _progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                             console=console, transient=False)
+        _progress.start()
+    _depth += 1
+    task_id = _progress.add_task(description, total=total, info="")
+    try:
+        yield Task(_progress, task_id)
+    finally:
+        _progress.remove_task(task_id)
+        _depth -= 1
+        if _depth == 0:
+            _progress.stop()
+            _progress = None
+
+
+def log(message: str) -> None:
+    console.print(message, highlight=False)

@@ -1,0 +1,126 @@
+"""Plugin registries: one dict per kind, filled by decorators.
+
+Built-in plugins live in the ``attacks``, ``defenses`` and ``bench.data`` /
+``bench.models`` packages and register themselves when imported. Third-party plugins
+come from Python entry points (groups ``bench.datasets``, ``bench.models``,
+``bench.attacks``, ``bench.defenses``) or from a file given with ``--plugin``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import pkgutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class BenchError(Exception):
+    """A user-facing error: printed as one line by the CLI, exit code 2."""
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def decorate(obj: T) -> T:
+            if name in self._entries and self._entries[name] is not obj:
+                existing = self._entries[name]
+                # Re-importing the same module (e.g. a --plugin file loaded twice) is fine.
+                if getattr(existing, "__qualname__", None) != getattr(obj, "__qualname__", None):
+                    raise BenchError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = obj
+            try:
+                setattr(obj, "registered_name", name)
+            except (AttributeError, TypeError):
+                pass
+            return obj
+
+        return decorate
+
+    def get(self, name: str) -> T:
+        load_builtin_plugins()
+        if name not in self._entries:
+            valid = ", ".join(sorted(self._entries)) or "(none)"
+            raise BenchError(f"unknown {self.kind} {name!r}; valid: {valid}")
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        load_builtin_plugins()
+        return sorted(self._entries)
+
+    def items(self) -> list[tuple[str, T]]:
+        load_builtin_plugins()
+        return sorted(self._entries.items())
+
+    def __contains__(self, name: str) -> bool:
+        load_builtin_plugins()
+        return name in self._entries
+
+
+DATASETS: Registry[Any] = Registry("dataset")
+MODELS: Registry[Any] = Registry("model")
+ATTACKS: Registry[Any] = Registry("attack")
+DEFENSES: Registry[Any] = Registry("defense")
+PROFILES: Registry[Any] = Registry("profile")
+
+register_dataset = DATASETS.register
+register_model = MODELS.register
+register_attack = ATTACKS.register
+register_defense = DEFENSES.register
+register_profile = PROFILES.register
+
+_BUILTIN_PACKAGES = ("bench.data", "bench.models", "bench.profiles", "attacks", "defenses")
+_ENTRY_POINT_GROUPS = ("bench.datasets", "bench.models", "bench.attacks", "bench.defenses")
+_loaded = False
+
+
+def _import_package_tree(package_name: str) -> None:
+    package = importlib.import_module(package_name)
+    for info in pkgutil.walk_packages(getattr(package, "__path__", []), prefix=package_name + "."):
+        if info.name.rsplit(".", 1)[-1].startswith("_"):
+            continue
+        importlib.import_module(info.name)
+
+
+def load_builtin_plugins() -> None:
+    """Import every built-in plugin module and every installed entry point, once."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for package_name in _BUILTIN_PACKAGES:
+        _import_package_tree(package_name)
+    for group in _ENTRY_POINT_GROUPS:
+        for entry_point in importlib.metadata.entry_points(group=group):
+            try:
+                entry_point.load()
+            except Exception as exc:  # a broken third-party plugin must not hide the others
+                raise BenchError(f"plugin entry point {entry_point.name!r} ({entry_point.value}) "
+                                 f"failed to load: {exc}") from exc
+
+
+def load_plugin_file(path: str | Path) -> None:
+    """Import a plugin from a Python file; its decorators register what it defines."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchError(f"plugin file not found: {path}")
+    load_builtin_plugins()
+    module_name = f"bench_plugin_{path.stem}"
+    if module_name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise BenchError(f"cannot import plugin file {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise BenchError(f"plugin file {path} failed to import: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Built-in defenses: ``none/`` (NONE) and ``baselines/`` (one module per defense)."""

@@ -1,0 +1,37 @@
+"""Shared fixtures. ``smoke_cell`` runs one (attack x defense) cell on the synthetic dataset
+with the smoke profile, reusing one workspace for the whole session so each attack
+stage (the undefended model) is trained once and shared by every defense test."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("BENCH_PROGRESS", "0")
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    from bench.cell import Workspace
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    return Workspace(tmp_path_factory.mktemp("runs"), torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def smoke_cell(workspace):
+    """smoke_cell(attack, defense, overrides=[...], dataset="synthetic", profile="smoke", seed=0) -> result dict
+    (``result["metrics"]`` has c_acc, asr, ra, der and detection metrics; ``result["undefended"]``
+    the attack stage's c_acc/asr/ra)."""
+    from bench.cell import run_defense_cell
+    from bench.grid import GridRequest, expand
+
+    def run(attack: str, defense: str, overrides: list[str] | None = None, dataset: str = "synthetic",
+            profile: str = "smoke", seed: int = 0, model: str | None = None) -> dict:
+        cells = expand(GridRequest(dataset, profile, model=model, attacks=[attack], defenses=[defense],
+                                   seeds=[seed], overrides=list(overrides or [])))
+        assert len(cells) == 1, "smoke_cell runs exactly one cell; use no sweeps"
+        return run_defense_cell(cells[0], workspace)
+
+    return run
