@@ -1,0 +1,64 @@
+# Thin layer over `python -m bench`; every target creates .venv/ first when it is missing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+DATASET ?= fashion-mnist
+PROFILE ?= quick
+ATTACKS ?=
+DEFENSES ?=
+MODEL ?=
+SEEDS ?= 0
+STORE ?= runs/bench.sqlite
+OVERRIDES ?=
+
+RUN_ARGS = --dataset $(DATASET) --profile $(PROFILE) --seeds $(SEEDS) --store $(STORE) \
+	$(if $(ATTACKS),--attacks $(ATTACKS)) $(if $(DEFENSES),--defenses $(DEFENSES)) $(if $(MODEL),--model $(MODEL)) \
+	$(foreach o,$(OVERRIDES),-o $(o))
+
+.PHONY: help setup venv test test-all bench report list perf clean
+
+help:
+	@echo "make bench [DATASET=fashion-mnist] [PROFILE=quick] [ATTACKS=a,b] [DEFENSES=c,d] [MODEL=m] [SEEDS=0,1] [OVERRIDES='defense.none.finetune_lr=1e-2']"
+	@echo "make test        the test suite (CPU, no network)"
+	@echo "make report      reports/<dataset>/ from the results store"
+	@echo "make list        every dataset, model, attack, defense and profile"
+	@echo "make setup       the virtual environment and, where apt-get works, Debian's Fashion-MNIST"
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+setup: venv
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then \
+		echo "Fashion-MNIST: /usr/share/datasets/fashion-mnist"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "Fashion-MNIST missing: installing Debian's dataset-fashion-mnist"; \
+		apt-get install -y -q dataset-fashion-mnist || echo "apt-get failed: bench will try \$$BENCH_DATA/fashion-mnist, then a torchvision download"; \
+	else \
+		echo "Fashion-MNIST not installed (apt-get unavailable): bench will try \$$BENCH_DATA/fashion-mnist, then a torchvision download"; \
+	fi
+
+test: venv
+	$(PY) -m pytest -q
+
+test-all: venv
+	$(PY) -m pytest -q -m ""
+
+bench: venv $(if $(filter fashion-mnist,$(DATASET)),setup)
+	$(PY) -m bench run $(RUN_ARGS)
+
+report: venv
+	$(PY) -m bench report --store $(STORE)
+
+list: venv
+	$(PY) -m bench list
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,246 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench import engine
+from bench.attack import Attack, AttackConfig, AttackContext, Poisoned
+from bench.data.base import ImageSet
+from bench.registry import register_attack
+
+EPSILON = 1e-7
+
+
+@dataclass
+class InputAwareConfig(AttackConfig):
+    cross_rate: float = 0.1        # fraction of the training set that gets cross triggers (true label kept)
+    lambda_div: float = 1.0        # weight of the diversity loss
+    mask_density: float = 0.032    # mask values above this are penalised while the mask generator is fitted
+    lambda_norm: float = 100.0     # weight of that mask-size penalty
+    mask_epochs: int = 25          # epochs that fit the mask generator before the joint training
+    mask_lr: float = 0.01          # Adam step size of the mask-generator fit
+    width: int = 32                # channels of the generators' first stage (doubled per down-sampling)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.cross_rate <= 1.0 or self.poison_rate + self.cross_rate > 1.0:
+            raise ValueError("cross_rate must be in [0, 1] and poison_rate + cross_rate <= 1")
+        if self.mask_epochs < 0 or self.width < 1:
+            raise ValueError("mask_epochs must be >= 0 and width >= 1")
+
+
+def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class Generator(nn.Module):
+    """Encoder-decoder (the paper's trigger/mask generator shape): two conv blocks per level,
+    max-pool down and bilinear up-sampling, output squashed to [0, 1]."""
+
+    def __init__(self, channels_in: int, channels_out: int, side: int, width: int) -> None:
+        super().__init__()
+        depth = 0
+        while depth < 3 and side % (2 ** (depth + 1)) == 0 and side // 2 ** (depth + 1) >= 4:
+            depth += 1
+        layers: list[nn.Module] = []
+        c = channels_in
+        for level in range(depth):
+            layers += _conv_block(c, width * 2 ** level) + _conv_block(width * 2 ** level, width * 2 ** level)
+            layers.append(nn.MaxPool2d(2))
+            c = width * 2 ** level
+        layers += _conv_block(c, width * 2 ** depth)
+        c = width * 2 ** depth
+        for level in reversed(range(depth)):
+            layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            layers += _conv_block(c, width * 2 ** level) + _conv_block(width * 2 ** level, width * 2 ** level)
+            c = width * 2 ** level
+        layers.append(nn.Conv2d(c, channels_out, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(x).float()) / (2 + EPSILON) + 0.5
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).pow(2).flatten(1).mean(1).sqrt()
+
+
+def diversity_loss(x: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+    """||x1 - x2|| / ||g(x1) - g(x2)|| over pairs (each image with the next of the batch,
+    which is a random other image since batches are shuffled): distinct inputs must get
+    distinct triggers."""
+    return (_distance(x, x.roll(1, 0)) / (_distance(generated, generated.roll(1, 0)) + EPSILON)).mean()
+
+
+def threshold(mask: torch.Tensor) -> torch.Tensor:
+    """A steep, differentiable step at 0.5: masks become nearly binary."""
+    return torch.tanh((mask - 0.5) * 20) / (2 + EPSILON) + 0.5
+
+
+@register_attack("input-aware")
+class InputAware(Attack):
+    """Input-Aware dynamic backdoor (Nguyen & Tran 2020): every image gets its own trigger
+    from a generator, B(x) = x (1 - m(x)) + g(x) m(x).
+
+    Training, as in the paper (inside ``train_model``, on ``engine.train``):
+    1. The mask generator m is fitted alone for ``mask_epochs`` with the diversity loss on
+       masks plus ``lambda_norm`` * mean(relu(m(x) - mask_density)), which keeps masks small.
+    2. The classifier and the pattern generator g are trained jointly (one optimiser, the
+       stage's recipe; m frozen and thresholded). In each batch the backdoor samples get
+       their own trigger and the target label, the cross samples get the trigger generated
+       from another image of the batch and keep their true label (so a trigger only works
+       on the image it was made for), and the loss is cross-entropy plus ``lambda_div`` x
+       the diversity loss ||x1 - x2|| / ||g(x1) - g(x2)||.
+
+    Backdoor and cross samples are fixed, recorded sets of the training set (the paper
+    picks them afresh in each batch): ``poisoned_indices`` (relabelled to the target) and
+    ``cross_rate`` x N other samples. ``poison`` returns the clean images with a
+    ``transform`` that stamps the generators' triggers on those samples in every batch
+    (with the final generators once the stage has trained them), so a defense that
+    retrains sees what the attacker trained on, and detection has ground truth. The
+    generators' weights are the attack's state, so the test-time trigger is recreated
+    exactly. All-to-all and slow poisoning are supported (the schedule ramps the
+    backdoor samples; the mask-generator fit uses the clean images only).
+    """
+
+    Config = InputAwareConfig
+
+    def __init__(self, config: InputAwareConfig, info, seed: int) -> None:
+        super().__init__(config, info, seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=self.generator("init"))))
+            self.pattern_generator = Generator(info.channels, info.channels, info.side, config.width)
+            self.mask_generator = Generator(info.channels, 1, info.side, config.width)
+        self.pattern_generator.eval()
+        self.mask_generator.eval()
+
+    # --- the trigger -------------------------------------------------------------------
+    def _generators_to(self, device: torch.device) -> None:
+        self.pattern_generator.to(device)
+        self.mask_generator.to(device)
+
+    def stamp(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """The trigger generated from ``source`` stamped on ``x`` (source is x, or another image for cross samples)."""
+        mask = threshold(self.mask_generator(source))
+        return x * (1 - mask) + self.pattern_generator(source) * mask
+
+    @torch.no_grad()
+    def apply_trigger(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self._generators_to(x.device)
+        self.pattern_generator.eval()
+        self.mask_generator.eval()
+        return self.stamp(x, x).clamp(0, 1)
+
+    # --- poisoning ---------------------------------------------------------------------
+    def choose_cross_indices(self, y: torch.Tensor, poisoned: torch.Tensor) -> torch.Tensor:
+        eligible = torch.ones(len(y), dtype=torch.bool)
+        eligible[poisoned] = False
+        candidates = torch.nonzero(eligible).flatten()
+        count = round(self.config.cross_rate * len(y))
+        return torch.sort(candidates[torch.randperm(len(candidates), generator=self.generator("cross"))[:count]]).values
+
+    def _roles(self, num_samples: int, poisoned: torch.Tensor, cross: torch.Tensor, device: torch.device) -> torch.Tensor:
+        # A lookup of each sample's role (0 clean, 1 backdoor, 2 cross), so batches need no host sync.
+        role = torch.zeros(num_samples, dtype=torch.uint8)
+        role[poisoned] = 1
+        role[cross] = 2
+        return role.to(device)
+
+    def poison(self, train: ImageSet) -> Poisoned:
+        indices = self.choose_poison_indices(train.y)
+        cross = self.choose_cross_indices(train.y, indices)
+        role = self._roles(len(train), indices, cross, train.x.device)
+        y = train.y.clone()
+        on_device = indices.to(y.device)
+        y[on_device] = self.target_labels(y[on_device])
+
+        @torch.no_grad()
+        def transform(x: torch.Tensor, labels: torch.Tensor, batch_indices: torch.Tensor):
+            self._generators_to(x.device)
+            self.pattern_generator.eval()
+            self.mask_generator.eval()
+            batch_role = role[batch_indices].view(-1, 1, 1, 1)
+            own = self.stamp(x, x)
+            other = self.stamp(x, x.roll(1, 0))
+            x = torch.where(batch_role == 1, own, torch.where(batch_role == 2, other, x))
+            return x.clamp(0, 1), labels
+
+        schedule = self.slow_schedule(len(y), indices) if self.config.schedule == "slow" else None
+        return Poisoned(ImageSet(train.x, y, transform=transform, schedule=schedule), indices,
+                        self.config.poison_rate, len(indices) / max(len(y), 1))
+
+    # --- the attack stage --------------------------------------------------------------
+    def train_model(self, model: nn.Module, poisoned: Poisoned, ctx: AttackContext) -> list[dict]:
+        cfg = self.config
+        self._generators_to(ctx.device)
+        delivered = poisoned.train
+        cross = self.choose_cross_indices(delivered.y, poisoned.poisoned_indices)
+        role = self._roles(len(delivered), poisoned.poisoned_indices.cpu(), cross, ctx.device)
+        mask_history: list[dict] = []
+
+        if cfg.mask_epochs > 0:
+            def mask_loss(mask_generator: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+                masks = mask_generator(x)
+                size = F.relu(masks - cfg.mask_density).mean()
+                return cfg.lambda_div * diversity_loss(x, threshold(masks)) + cfg.lambda_norm * size
+
+            mask_recipe = replace(ctx.train_config, epochs=cfg.mask_epochs, optimizer="adam", lr=cfg.mask_lr,
+                                  weight_decay=0.0, schedule="constant")
+            clean = ImageSet(delivered.x, delivered.y)
+            mask_history = engine.train(self.mask_generator, clean, mask_recipe, ctx.info, seed=ctx.seed + 1,
+                                        loss_fn=mask_loss, desc="attack input-aware: mask generator")
+        self.mask_generator.eval()
+        for parameter in self.mask_generator.parameters():
+            parameter.requires_grad_(False)
+
+        def joint_loss(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            self.pattern_generator.train()
+            patterns = self.pattern_generator(x)
+            with torch.no_grad():
+                masks = threshold(self.mask_generator(x))
+            batch_role = role[idx].view(-1, 1, 1, 1)
+            own = x * (1 - masks) + patterns * masks
+            other = x * (1 - masks.roll(1, 0)) + patterns.roll(1, 0) * masks.roll(1, 0)
+            inputs = torch.where(batch_role == 1, own, torch.where(batch_role == 2, other, x))
+            return F.cross_entropy(classifier(inputs), y) + cfg.lambda_div * diversity_loss(x, patterns)
+
+        # The data's transform would stamp triggers without gradients; here they are made in the loss.
+        data = ImageSet(delivered.x, delivered.y, schedule=delivered.schedule)
+        parameters = list(model.parameters()) + list(self.pattern_generator.parameters())
+        history = engine.train(model, data, ctx.train_config, ctx.info, seed=ctx.seed, loss_fn=joint_loss,
+                               parameters=parameters, on_epoch_end=self._eval_mode_callback(ctx.on_epoch_end),
+                               desc="attack input-aware")
+        self.pattern_generator.eval()
+        for record, mask_record in zip(history, mask_history):
+            record["mask_loss"] = mask_record["loss"]
+        return history
+
+    def _eval_mode_callback(self, callback):
+        if callback is None:
+            return None
+
+        def wrapped(epoch: int, model: nn.Module) -> dict:
+            self.pattern_generator.eval()  # the test curve measures the trigger as it will be used
+            try:
+                return callback(epoch, model)
+            finally:
+                self.pattern_generator.train()
+
+        return wrapped
+
+    # --- learned state -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"pattern.{k}": v for k, v in self.pattern_generator.state_dict().items()}
+        state.update({f"mask.{k}": v for k, v in self.mask_generator.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        device = next(iter(state.values())).device
+        self._generators_to(device)
+        self.pattern_generator.load_state_dict({k[len("pattern."):]: v for k, v in state.items() if k.startswith("pattern.")})
+        self.mask_generator.load_state_dict({k[len("mask."):]: v for k, v in state.items() if k.startswith("mask.")})
+        self.pattern_generator.eval()
+        self.mask_generator.eval()

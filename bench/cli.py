@@ -1,0 +1,239 @@
+"""``python -m bench``: run the grid, list plugins, print results, render reports."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, PROFILES, BenchError, load_builtin_plugins, load_plugin_file
+
+DEFAULT_STORE = Path("runs/bench.sqlite")
+
+RUN_EPILOG = """\
+examples:
+  python -m bench run                                   # Fashion-MNIST, quick profile, every attack x defense
+  python -m bench run --dataset synthetic --profile smoke --attacks badnets --defenses undefended,none
+  python -m bench run -o defense.none.max_reset_fraction=0.03,0.1   # a sweep: one cell per value
+  python -m bench run -o train.epochs=20 -o attack.badnets.poison_rate=0.05
+  python -m bench run --plugin my_defense.py --defenses undefended,mine
+
+overrides (-o KEY=VALUE, repeatable; a comma list sweeps):
+  attack.<attack>.<field>    fields of that attack's Config   (python -m bench list --verbose)
+  defense.<defense>.<field>  fields of that defense's Config
+  train.<field>              the attack stage's training recipe (epochs, lr, batch_size, optimizer, ...)
+  finetune.<field>           the fine-tuning recipe defenses start from
+
+Finished cells are skipped, so the same command resumes an interrupted grid.
+"""
+
+
+def _split(text: str | None) -> list[str] | None:
+    if text is None or text.strip() in ("", "all"):
+        return None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise BenchError(f"bad --seeds {text!r}: expected integers separated by commas, e.g. 0,1,2") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmark backdoor defenses: every attack x defense, "
+                                     "the same splits and metrics, results in one SQLite store.")
+    parser.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
+                        help="import a plugin file (attack, defense, dataset or model); repeatable")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run (or resume) the attack x defense grid on one dataset",
+                              description="Run the attack x defense grid on one dataset, skipping finished cells.",
+                              epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--dataset", default="fashion-mnist", help="registered dataset (default: fashion-mnist)")
+    run.add_argument("--profile", default="quick", help="smoke | quick | standard | ... (default: quick)")
+    run.add_argument("--model", default=None, help="registered model or timm:<name> (default: the profile's)")
+    run.add_argument("--attacks", default=None, help="comma list (default: all registered)")
+    run.add_argument("--defenses", default=None, help="comma list (default: all registered)")
+    run.add_argument("--seeds", default="0", help="comma list of seeds (default: 0)")
+    run.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE", help="see below")
+    run.add_argument("--store", type=Path, default=DEFAULT_STORE, help=f"results store (default: {DEFAULT_STORE}); "
+                     "artifacts go beside it")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    run.add_argument("--executor", default="local", help="local (default)")
+    run.add_argument("--retry-failed", action="store_true", help="also re-run cells recorded as failed")
+    run.add_argument("--no-report", action="store_true", help="do not write reports/<dataset>/ at the end")
+    run.add_argument("--reports", type=Path, default=Path("reports"), help="report directory (default: reports)")
+
+    lister = commands.add_parser("list", help="list datasets, models, attacks, defenses and profiles")
+    lister.add_argument("--verbose", "-v", action="store_true", help="also show each plugin's configurable fields")
+
+    results = commands.add_parser("results", help="print every cell in the store")
+    results.add_argument("--store", type=Path, default=DEFAULT_STORE)
+    results.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    results.add_argument("--dataset", default=None)
+
+    report = commands.add_parser("report", help="write reports/<dataset>/ and reports/index.md from the store")
+    report.add_argument("--store", type=Path, default=DEFAULT_STORE)
+    report.add_argument("--dataset", default=None, help="one dataset (default: every dataset in the store)")
+    report.add_argument("--out", type=Path, default=Path("reports"))
+    return parser
+
+
+def describe(obj) -> str:
+    text = getattr(obj, "description", "") or (obj.__doc__ or "")
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def command_list(args) -> None:
+    import dataclasses
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    sections = [("datasets", DATASETS, lambda o: f"{describe(o)} [{o.info.num_classes} classes, {'x'.join(map(str, o.info.shape))}]"),
+                ("models", MODELS, describe), ("attacks", ATTACKS, describe),
+                ("defenses", DEFENSES, lambda o: f"({o.kind}) {describe(o)}"),
+                ("profiles", PROFILES, lambda o: o.description)]
+    for title, registry, text in sections:
+        table = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
+        table.add_column(style="bold cyan", no_wrap=True)
+        table.add_column()
+        for name, obj in registry.items():
+            line = text(obj)
+            if args.verbose and hasattr(obj, "Config") and dataclasses.is_dataclass(obj.Config):
+                fields = ", ".join(f"{f.name}={_default(f)}" for f in dataclasses.fields(obj.Config))
+                line += f"\n  [dim]{fields or '(no options)'}[/dim]"
+            table.add_row(name, line)
+        if title == "models":
+            table.add_row("timm:<name>", "any timm model, untrained, with the dataset's input channels and classes")
+        console.print(table)
+        console.print()
+
+
+def _default(field) -> str:
+    import dataclasses
+
+    if field.default is not dataclasses.MISSING:
+        return repr(field.default)
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return repr(field.default_factory())  # type: ignore[misc]
+    return "?"
+
+
+def command_run(args) -> None:
+    from bench import progress
+    from bench.grid import GridRequest
+    from bench.runner import RunOptions, run_grid, summary_rows
+    from bench.store import ResultStore
+
+    request = GridRequest(dataset=args.dataset, profile=args.profile, model=args.model, attacks=_split(args.attacks),
+                          defenses=_split(args.defenses), seeds=_seeds(args.seeds), overrides=args.override)
+    options = RunOptions(store=args.store, device=args.device, executor=args.executor, retry_failed=args.retry_failed)
+    cells = run_grid(request, options)
+    store = ResultStore(args.store)
+    print_summary(summary_rows(cells, store))
+    if not args.no_report:
+        from bench.report import write_report
+
+        path = write_report(store, args.dataset, args.reports)
+        progress.log(f"report: {path}")
+    progress.log(f"results: {args.store} (python -m bench results --store {args.store})")
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def print_summary(rows: list[dict]) -> None:
+    """C-ACC / ASR / RA / DER per attack x defense (mean over seeds and sweeps shown separately)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="C-ACC / ASR / RA (DER)", title_justify="left")
+    for column in ("attack", "defense", "seed", "status", "C-ACC", "ASR", "RA", "DER"):
+        table.add_column(column)
+    for row in rows:
+        metrics = row.get("metrics") or {}
+        status = row["status"] if row["status"] != "failed" else f"failed: {(row.get('error') or '').splitlines()[0][:60]}"
+        table.add_row(row["attack"], _defense_label(row), str(row["seed"]), status, fmt(metrics.get("c_acc")),
+                      fmt(metrics.get("asr")), fmt(metrics.get("ra")), fmt(metrics.get("der")))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # logs and pipes get whole lines
+    console.print(table)
+
+
+def _defense_label(row: dict) -> str:
+    """The defense name, plus its non-default settings when the grid swept them."""
+    import dataclasses
+
+    config = (row.get("config") or {}).get("defense_config") or {}
+    try:
+        defaults = dataclasses.asdict(DEFENSES.get(row["defense"]).Config())
+    except BenchError:
+        defaults = {}
+    changed = {k: v for k, v in config.items() if defaults.get(k, v) != v}
+    return row["defense"] + ("" if not changed else " " + ",".join(f"{k}={v}" for k, v in changed.items()))
+
+
+def command_results(args) -> None:
+    import csv
+
+    from bench.store import ResultStore
+
+    if not args.store.is_file():
+        raise BenchError(f"no results store at {args.store}; run `python -m bench run` first or pass --store")
+    store = ResultStore(args.store)
+    rows = store.cells(dataset=args.dataset)
+    if args.format == "json":
+        json.dump(rows, sys.stdout, indent=1, default=str)
+        print()
+    elif args.format == "csv":
+        metric_names = sorted({k for row in rows for k in (row.get("metrics") or {})})
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["id", "dataset", "model", "attack", "defense", "seed", "profile", "status", "error", *metric_names, "config"])
+        for row in rows:
+            metrics = row.get("metrics") or {}
+            writer.writerow([row["id"], row["dataset"], row["model"], row["attack"], row["defense"], row["seed"], row["profile"],
+                             row["status"], (row.get("error") or "").splitlines()[0] if row.get("error") else "",
+                             *[metrics.get(name, "") for name in metric_names], json.dumps(row["config"], sort_keys=True)])
+    else:
+        print_summary(rows)
+
+
+def command_report(args) -> None:
+    from bench import progress
+    from bench.report import write_index, write_report
+    from bench.store import ResultStore
+
+    if not args.store.is_file():
+        raise BenchError(f"no results store at {args.store}; run `python -m bench run` first or pass --store")
+    store = ResultStore(args.store)
+    datasets = [args.dataset] if args.dataset else store.datasets()
+    if not datasets:
+        raise BenchError(f"the store {args.store} holds no cells yet")
+    for dataset in datasets:
+        progress.log(f"report: {write_report(store, dataset, args.out)}")
+    progress.log(f"index: {write_index(store, args.out)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        load_builtin_plugins()
+        for plugin in args.plugin:
+            load_plugin_file(plugin)
+        {"run": command_run, "list": command_list, "results": command_results, "report": command_report}[args.command](args)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished cells are saved; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,283 @@
+"""From the results store to one tidy frame per dataset: one row per cell, with labels.
+
+Everything a report shows is derived here from ``ResultStore`` rows (and nothing else),
+so tables, figures and exports agree by construction.
+
+A dataset's cells can come from several *setups* (model, profile, training recipes):
+results of different setups are never averaged together. Within a setup, an attack or
+defense that appears with several configurations (a sweep) becomes several *variants*,
+labelled by the fields that differ, e.g. ``none (max_reset_fraction=0.1)``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.store import ResultStore
+
+# Metrics shown in the results table; every cell gets these columns (NaN when absent).
+MAIN_METRICS = ("c_acc", "asr", "ra", "der")
+DETECTION_METRICS = ("det_precision", "det_recall", "det_fpr", "det_flagged")
+TIMING_KEYS = ("attack_s", "defense_s", "eval_s")
+METRIC_NAMES = {"c_acc": "C-ACC", "asr": "ASR", "ra": "RA", "der": "DER", "det_precision": "precision",
+                "det_recall": "recall", "det_fpr": "FPR", "det_flagged": "flagged"}
+REFERENCE = "undefended"
+
+
+def _number(value: Any) -> float:
+    """Store values as floats for arithmetic; None (metric not defined) becomes NaN."""
+    if value is None or isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ":".join(_short(v) for v in value)
+    return str(value)
+
+
+def variant_labels(name: str, configs: list[dict]) -> dict[str, str]:
+    """canonical config -> label; the bare name when the plugin has only one configuration."""
+    unique = {_canonical(c): c for c in configs}
+    if len(unique) == 1:
+        return {key: name for key in unique}
+    varying = sorted(k for k in set().union(*unique.values())
+                     if len({_canonical(c.get(k)) for c in unique.values()}) > 1)
+    return {key: f"{name} ({', '.join(f'{k}={_short(c.get(k))}' for k in varying)})" for key, c in unique.items()}
+
+
+def varying_fields(configs: list[dict]) -> list[str]:
+    unique = {_canonical(c): c for c in configs}
+    if len(unique) < 2:
+        return []
+    return sorted(k for k in set().union(*unique.values())
+                  if len({_canonical(c.get(k)) for c in unique.values()}) > 1)
+
+
+def _default_config(kind: str, name: str) -> str | None:
+    """The canonical default configuration of a registered plugin (None when it is not loaded)."""
+    import dataclasses
+
+    from bench.registry import ATTACKS, DEFENSES
+
+    registry = DEFENSES if kind == "defense" else ATTACKS
+    try:
+        cls = registry.get(name)
+        return _canonical(dataclasses.asdict(cls.Config()))
+    except Exception:  # an unregistered plugin (its --plugin file not loaded): no default known
+        return None
+
+
+@dataclass
+class Setup:
+    key: str
+    label: str
+    cells: pd.DataFrame
+    description: dict = field(default_factory=dict)
+
+    @property
+    def attacks(self) -> list[str]:
+        return ordered(self.cells, "attack_label")
+
+    @property
+    def defenses(self) -> list[str]:
+        return ordered(self.cells, "defense_label")
+
+    def primary(self) -> pd.DataFrame:
+        """One variant per defense (its default configuration when present): for per-defense figures."""
+        return self.cells[self.cells["primary"]]
+
+
+@dataclass
+class ReportData:
+    dataset: str
+    cells: pd.DataFrame
+    stages: dict[str, dict]
+    setups: list[Setup]
+    artifacts_root: Path
+
+    @property
+    def main(self) -> Setup | None:
+        return self.setups[0] if self.setups else None
+
+
+def ordered(frame: pd.DataFrame, column: str) -> list[str]:
+    """Labels in display order: the reference defense first, then by name and variant."""
+    if frame.empty:
+        return []
+    sort_col = "defense_sort" if column == "defense_label" else "attack_sort"
+    keys = frame[[column, sort_col]].drop_duplicates(column)
+    return [row[column] for _, row in keys.sort_values(sort_col, kind="stable").iterrows()]
+
+
+def _sort_key(name: str, config: dict, varying: list[str], reference: bool) -> str:
+    parts = [("0" if reference else "1") + name]
+    for key in varying:
+        value = config.get(key)
+        parts.append(f"{value:020.8f}" if isinstance(value, (int, float)) and not isinstance(value, bool)
+                     and value >= 0 else _canonical(value))
+    return "\x00".join(parts)
+
+
+def _setup_fields(config: dict) -> dict:
+    return {"model": config.get("model"), "profile": config.get("profile"), "train": config.get("train"),
+            "finetune": config.get("finetune")}
+
+
+def load(store: ResultStore, dataset: str) -> ReportData:
+    cells = store.cells(dataset=dataset)
+    stages = {stage["id"]: stage for stage in store.stages(dataset=dataset)}
+    rows = []
+    for cell in cells:
+        config = cell.get("config") or {}
+        metrics = cell.get("metrics") or {}
+        timings = cell.get("timings") or {}
+        stage = stages.get(cell["stage_id"]) or {}
+        stage_metrics = stage.get("metrics") or {}
+        row = {
+            "id": cell["id"], "stage_id": cell["stage_id"], "dataset": cell["dataset"], "model": cell["model"],
+            "profile": cell["profile"], "attack": cell["attack"], "defense": cell["defense"], "seed": int(cell["seed"]),
+            "status": cell["status"], "error": cell.get("error") or "", "finished": _number(cell.get("finished")),
+            "attack_config": config.get("attack_config") or {}, "defense_config": config.get("defense_config") or {},
+            "setup_key": _canonical(_setup_fields(config)), "setup_fields": _setup_fields(config),
+            "metrics": metrics, "timings": timings, "environment": cell.get("environment") or {},
+            "details": cell.get("details") or {},
+            "stage_status": stage.get("status"), "stage_s": _number((stage.get("timings") or {}).get("total_s")),
+            "undef_c_acc": _number(stage_metrics.get("c_acc")), "undef_asr": _number(stage_metrics.get("asr")),
+            "undef_ra": _number(stage_metrics.get("ra")), "poison_rate": _number(stage_metrics.get("poison_rate")),
+            "poisoned": _number(stage_metrics.get("poisoned")),
+        }
+        for name in MAIN_METRICS + DETECTION_METRICS:
+            row[name] = _number(metrics.get(name))
+        for name in TIMING_KEYS:
+            row[name] = _number(timings.get(name))
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    setups: list[Setup] = []
+    if not frame.empty:
+        for key, group in frame.groupby("setup_key", sort=False):
+            setups.append(Setup(key=key, label="", cells=_label(group.copy()), description=group.iloc[0]["setup_fields"]))
+        setups.sort(key=lambda s: (-(s.cells["status"] == "done").sum(), -s.cells["finished"].fillna(0).max()))
+        _name_setups(setups)
+        frame = pd.concat([s.cells for s in setups]).sort_values(["attack_sort", "defense_sort", "seed", "id"], kind="stable")
+    return ReportData(dataset=dataset, cells=frame, stages=stages, setups=setups, artifacts_root=store.artifacts_root)
+
+
+def _label(group: pd.DataFrame) -> pd.DataFrame:
+    """Attack/defense variant labels, display order and the primary defense variant of one setup."""
+    for kind in ("attack", "defense"):
+        labels, sorts = {}, {}
+        for name, sub in group.groupby(kind):
+            configs = list(sub[f"{kind}_config"])
+            names = variant_labels(name, configs)
+            varying = varying_fields(configs)
+            for config in configs:
+                key = _canonical(config)
+                labels[(name, key)] = names[key]
+                sorts[(name, key)] = _sort_key(name, config, varying, kind == "defense" and name == REFERENCE)
+        keys = [(n, _canonical(c)) for n, c in zip(group[kind], group[f"{kind}_config"])]
+        group[f"{kind}_label"] = [labels[k] for k in keys]
+        group[f"{kind}_sort"] = [sorts[k] for k in keys]
+    primary = {}
+    for name, sub in group.groupby("defense"):
+        by_variant = sub.groupby("defense_label")
+        default = _default_config("defense", name)
+        chosen = None
+        for label, variant in by_variant:
+            if default is not None and _canonical(variant.iloc[0]["defense_config"]) == default:
+                chosen = label
+        if chosen is None:  # no default-config variant: the one with most cells, then the first in order
+            counts = sorted(((-len(v), v.iloc[0]["defense_sort"], label) for label, v in by_variant))
+            chosen = counts[0][2]
+        primary[name] = chosen
+    group["primary"] = [primary[d] == label for d, label in zip(group["defense"], group["defense_label"])]
+    return group
+
+
+def _name_setups(setups: list[Setup]) -> None:
+    for setup in setups:
+        d = setup.description
+        setup.label = f"{d['model']}, {d['profile']} profile"
+    by_label: dict[str, list[Setup]] = {}
+    for setup in setups:
+        by_label.setdefault(setup.label, []).append(setup)
+    for same in by_label.values():
+        if len(same) < 2:
+            continue
+        for section in ("train", "finetune"):
+            varying = varying_fields([s.description.get(section) or {} for s in same])
+            for setup in same:
+                values = setup.description.get(section) or {}
+                if varying:
+                    setup.label += ", " + ", ".join(f"{section}.{k}={_short(values.get(k))}" for k in varying)
+
+
+def aggregate(frame: pd.DataFrame, by: list[str], metrics: tuple[str, ...] = MAIN_METRICS) -> pd.DataFrame:
+    """Mean and sample std (ddof=1) over seeds of the done cells, with how many cells were
+    done / failed / still running, so that a partly failed entry is shown as such."""
+    records = []
+    for keys, group in frame.groupby(by, sort=False):
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        done = group[group["status"] == "done"]
+        record = dict(zip(by, keys))
+        record.update(n=len(group), n_done=len(done), n_failed=int((group["status"] == "failed").sum()),
+                      n_running=int((group["status"] == "running").sum()), seeds=sorted(group["seed"].unique().tolist()))
+        for name in metrics:
+            values = done[name].dropna()
+            record[name] = float(values.mean()) if len(values) else math.nan
+            record[f"{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+            record[f"{name}_n"] = len(values)
+        records.append(record)
+    return pd.DataFrame(records)
+
+
+def status_of(record: dict | pd.Series | None) -> str:
+    """done | partial | failed | running | missing for one aggregated entry."""
+    if record is None:
+        return "missing"
+    if record["n_done"] == record["n"]:
+        return "done"
+    if record["n_done"] > 0:
+        return "partial"
+    if record["n_failed"] > 0:
+        return "failed"
+    return "running"
+
+
+def lookup(table: pd.DataFrame, **keys) -> pd.Series | None:
+    if table.empty:
+        return None
+    mask = pd.Series(True, index=table.index)
+    for key, value in keys.items():
+        mask &= table[key] == value
+    hits = table[mask]
+    return hits.iloc[0] if len(hits) else None
+
+
+def has_trigger(frame: pd.DataFrame, attack_label: str) -> bool:
+    """Whether ASR is defined for the attack (``benign`` has no trigger): the plugin says so when
+    it is loaded, otherwise whether any of its cells or stages measured an ASR."""
+    from bench.registry import ATTACKS
+
+    sub = frame[frame["attack_label"] == attack_label]
+    if sub.empty:
+        return False
+    name = sub.iloc[0]["attack"]
+    if name in ATTACKS:
+        return bool(getattr(ATTACKS.get(name), "has_trigger", True))
+    return bool(sub["asr"].notna().any() or sub["undef_asr"].notna().any())

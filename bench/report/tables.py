@@ -1,0 +1,255 @@
+"""Markdown tables of a report: setup, results, detection, cost, failures, reproduce command.
+
+Numbers are printed exactly as the store holds them (two decimals for percentages, four
+for DER); a failed entry reads "failed", a missing one "—", never a blank or a zero.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+
+import pandas as pd
+
+from bench.report.collect import (DETECTION_METRICS, MAIN_METRICS, REFERENCE, Setup, aggregate, has_trigger, lookup,
+                                  ordered, status_of, _default_config, _short, varying_fields)
+
+DASH = "—"
+DIGITS = {"der": 4, "det_flagged": 0, "poisoned": 0}
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return DASH
+    return f"{value:.{digits}f}"
+
+
+def fmt_stat(record, name: str) -> str:
+    """``mean`` or ``mean ± std`` (std over seeds, shown when two or more were done)."""
+    digits = DIGITS.get(name, 2)
+    text = fmt(record[name], digits)
+    std = record.get(f"{name}_std", math.nan)
+    if text != DASH and not math.isnan(std):
+        text += f" ± {std:.{digits}f}"
+    return text
+
+
+def markdown_table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
+    def clean(text) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    align = align or ["l"] + ["r"] * (len(header) - 1)
+    marks = {"l": ":---", "r": "---:", "c": ":---:"}
+    lines = ["| " + " | ".join(clean(h) for h in header) + " |", "| " + " | ".join(marks[a] for a in align) + " |"]
+    lines += ["| " + " | ".join(clean(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def entry_text(record, status: str, names: tuple[str, ...], sep: str = " / ") -> str:
+    if status == "missing":
+        return DASH
+    if status in ("failed", "running"):
+        return f"**{status}**" if status == "failed" else status
+    parts = [fmt_stat(record, name) for name in names]
+    text = sep.join(parts)
+    if status == "partial":
+        text += f" ({record['n_done']}/{record['n']} seeds; {record['n_failed']} failed, {record['n_running']} running)"
+    return text
+
+
+def results_table(setup: Setup) -> str:
+    """Rows: defenses (and their variants); columns: attacks; each entry C-ACC / ASR / RA · DER."""
+    table = aggregate(setup.cells, ["defense_label", "attack_label"], MAIN_METRICS)
+    attacks = setup.attacks
+    rows = []
+    for defense in setup.defenses:
+        row = [defense]
+        for attack in attacks:
+            record = lookup(table, defense_label=defense, attack_label=attack)
+            status = status_of(record)
+            if status in ("done", "partial"):
+                text = entry_text(record, status, ("c_acc", "asr", "ra"))
+                text = text.replace(" (", " · " + fmt_stat(record, "der") + " (", 1) if status == "partial" \
+                    else text + " · " + fmt_stat(record, "der")
+            else:
+                text = entry_text(record, status, ())
+            row.append(text)
+        rows.append(row)
+    return markdown_table(["defense \\ attack", *attacks], rows, ["l"] + ["c"] * len(attacks))
+
+
+def detection_table(setup: Setup) -> str | None:
+    """Defenses that flag training samples (NONE, ABL, ...): precision / recall / FPR per attack."""
+    frame = setup.cells
+    flagging = [d for d in setup.defenses if frame.loc[frame["defense_label"] == d, "det_recall"].notna().any()
+                or frame.loc[frame["defense_label"] == d, "defense"].iloc[0] == "none"]
+    if not flagging:
+        return None
+    table = aggregate(frame, ["defense_label", "attack_label"], DETECTION_METRICS + ("poisoned",))
+    rows = []
+    for defense in flagging:
+        for attack in setup.attacks:
+            record = lookup(table, defense_label=defense, attack_label=attack)
+            status = status_of(record)
+            if status in ("done", "partial"):
+                cells = [fmt_stat(record, name) for name in ("det_precision", "det_recall", "det_fpr", "det_flagged",
+                                                             "poisoned")]
+                if status == "partial":
+                    cells[-1] += f" ({record['n_done']}/{record['n']} seeds done)"
+            else:
+                cells = [entry_text(record, status, ())] + [DASH] * 4
+            rows.append([defense, attack, *cells])
+    return markdown_table(["defense", "attack", "precision %", "recall %", "FPR %", "flagged", "poisoned"], rows)
+
+
+def cost_table(setup: Setup) -> str:
+    """Wall seconds: the attack stage (training the undefended model, shared by all defenses)
+    and each defense on top of it; mean over seeds."""
+    frame = setup.cells
+    stage_times = frame.drop_duplicates("stage_id")
+    defense_times = aggregate(frame, ["defense_label", "attack_label"], ("defense_s", "eval_s"))
+    defenses = setup.defenses
+    rows = []
+    for attack in setup.attacks:
+        stages = stage_times[stage_times["attack_label"] == attack]
+        values = stages["stage_s"].dropna()
+        row = [attack, fmt(values.mean(), 1) if len(values) else _stage_state(stages)]
+        for defense in defenses:
+            record = lookup(defense_times, defense_label=defense, attack_label=attack)
+            status = status_of(record)
+            row.append(fmt(record["defense_s"], 1) if status in ("done", "partial") else entry_text(record, status, ()))
+        rows.append(row)
+    return markdown_table(["attack", "attack stage", *defenses], rows)
+
+
+def _stage_state(stages: pd.DataFrame) -> str:
+    states = set(stages["stage_status"].dropna())
+    if "failed" in states:
+        return "**failed**"
+    return "running" if "running" in states else DASH
+
+
+def failures_table(setup: Setup, stages: dict[str, dict]) -> str | None:
+    frame = setup.cells
+    rows = []
+    for _, cell in frame[frame["status"] != "done"].iterrows():
+        error = cell["error"] or ""
+        stage_error = (stages.get(cell["stage_id"]) or {}).get("error") or ""
+        if not error and stage_error:
+            error = f"attack stage: {stage_error}"
+        first = error.strip().splitlines()[0] if error.strip() else ""
+        rows.append([cell["attack_label"], cell["defense_label"], str(cell["seed"]), cell["status"],
+                     first[:200] or DASH, f"`{cell['id']}`"])
+    if not rows:
+        return None
+    return markdown_table(["attack", "defense", "seed", "status", "error", "cell"], rows, ["l"] * 6)
+
+
+def _utc(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _recipe(config: dict | None) -> str:
+    if not config:
+        return DASH
+    text = f"{config.get('epochs')} epochs, {config.get('optimizer')} lr {_short(config.get('lr'))}"
+    if config.get("optimizer") == "sgd":
+        text += f" momentum {_short(config.get('momentum'))}"
+    text += f", weight decay {_short(config.get('weight_decay'))}, batch {config.get('batch_size')}, {config.get('schedule')}"
+    text += ", augmentation" if config.get("augment") else ", no augmentation"
+    return text
+
+
+def compute_seconds(setup: Setup) -> float:
+    """Wall time of every stage and cell of the setup (what running it again would take here)."""
+    frame = setup.cells
+    stages = frame.drop_duplicates("stage_id")["stage_s"].fillna(0).sum()
+    return float(stages + frame["defense_s"].fillna(0).sum() + frame["eval_s"].fillna(0).sum())
+
+
+def setup_table(setup: Setup, dataset: str) -> str:
+    frame = setup.cells
+    d = setup.description
+    environments = [e for e in frame["environment"] if e]
+    devices = sorted({e.get("device", "?") for e in environments})
+    hosts = sorted({e.get("host", "?") for e in environments})
+    versions = sorted({f"bench {e.get('bench')}, torch {e.get('torch')}, torchvision {e.get('torchvision')}, "
+                       f"python {e.get('python')}" for e in environments})
+    finished = frame["finished"].dropna()
+    rates = []
+    for attack in setup.attacks:
+        sub = frame[frame["attack_label"] == attack]
+        config = sub.iloc[0]["attack_config"]
+        achieved = sub.drop_duplicates("stage_id")["poison_rate"].dropna()
+        if "poison_rate" in config:
+            text = f"{attack}: {100 * config['poison_rate']:g}% requested"
+            if len(achieved):
+                text += f", {achieved.mean():.2f}% achieved"
+            text += f" (target {config.get('target')}, {config.get('target_mode')})"
+            rates.append(text)
+    counts = frame["status"].value_counts()
+    seeds = sorted(frame["seed"].unique().tolist())
+    rows = [
+        ["dataset", dataset], ["model", d.get("model")], ["profile", d.get("profile")],
+        ["seeds", ", ".join(map(str, seeds)) + (" (mean ± sample std over seeds)" if len(seeds) > 1 else "")],
+        ["attack stage training", _recipe(d.get("train"))], ["fine-tuning recipe (defaults)", _recipe(d.get("finetune"))],
+        ["poisoning", "; ".join(rates) or DASH],
+        ["cells", ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "failed", "running") if counts.get(s, 0))],
+        ["device", "; ".join(devices) or DASH], ["host", ", ".join(hosts) or DASH],
+        ["versions", "; ".join(versions) or DASH],
+        ["results dated", f"{_utc(finished.min())} – {_utc(finished.max())}" if len(finished) else DASH],
+        ["compute time", f"{compute_seconds(setup) / 60:.1f} min (sum of stage and cell wall times)"],
+    ]
+    return markdown_table(["", ""], [[f"**{k}**", v] for k, v in rows], ["l", "l"])
+
+
+def _cli_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    return _short(value)
+
+
+def reproduce_command(setup: Setup, dataset: str) -> str:
+    """An equivalent ``python -m bench run`` command, rebuilt from the stored configurations
+    (overrides for every field that differs from the plugin or profile default)."""
+    from bench.registry import PROFILES
+
+    frame = setup.cells
+    d = setup.description
+    parts = ["python -m bench run", f"--dataset {dataset}", f"--profile {d.get('profile')}"]
+    overrides: list[str] = []
+    try:
+        profile = PROFILES.get(d.get("profile"))
+        if profile.model != d.get("model"):
+            parts.append(f"--model {d.get('model')}")
+        for section, default in (("train", dataclasses.asdict(profile.train_for(dataset))),
+                                 ("finetune", dataclasses.asdict(profile.finetune))):
+            for key, value in sorted((d.get(section) or {}).items()):
+                if default.get(key) != value:
+                    overrides.append(f"{section}.{key}={_cli_value(value)}")
+    except Exception:  # profile not registered here: show the model explicitly, recipes are in the setup table
+        parts.append(f"--model {d.get('model')}")
+    parts.append("--attacks " + ",".join(sorted(frame["attack"].unique())))
+    parts.append("--defenses " + ",".join(sorted(frame["defense"].unique())))
+    seeds = sorted(frame["seed"].unique().tolist())
+    if seeds != [0]:
+        parts.append("--seeds " + ",".join(map(str, seeds)))
+    for kind in ("attack", "defense"):
+        for name in sorted(frame[kind].unique()):
+            configs = list(frame.loc[frame[kind] == name, f"{kind}_config"])
+            varying = set(varying_fields(configs))
+            default = _default_config(kind, name)
+            import json
+
+            default_config = json.loads(default) if default else {}
+            for key in sorted(set().union(*configs)):
+                values = []
+                for config in configs:
+                    if _cli_value(config.get(key)) not in values:
+                        values.append(_cli_value(config.get(key)))
+                if key in varying or (default and default_config.get(key) != configs[0].get(key)):
+                    overrides.append(f"{kind}.{name}.{key}={','.join(values)}")
+    parts += [f"-o {o}" for o in overrides]
+    return " ".join(parts)

@@ -1,0 +1,93 @@
+"""The grid runner: expand, skip finished cells, run the rest, keep going past failures,
+summarise. Re-running the same command after a crash finishes the grid."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench import progress
+from bench.cell import CellSpec, StageSpec, Workspace, is_complete
+from bench.device import resolve_device
+from bench.executors import Callbacks, LocalExecutor, Plan
+from bench.grid import GridRequest, expand
+from bench.registry import BenchError
+from bench.store import ResultStore
+
+
+@dataclass
+class RunOptions:
+    store: Path = Path("runs/bench.sqlite")
+    device: str = "auto"
+    executor: str = "local"
+    retry_failed: bool = False
+
+
+def plan_pending(cells: list[CellSpec], store: ResultStore, retry_failed: bool = False) -> Plan:
+    """Cells not yet done (or whose artifacts vanished), grouped under their stage, in grid order.
+    Failed cells are retried only when asked: a deterministic failure would fail again."""
+    plan: dict[str, tuple[StageSpec, list[CellSpec]]] = {}
+    for cell in cells:
+        status = store.cell_status(cell.id)
+        done = status == "done" and is_complete(store.artifacts_root / cell.id)
+        if status == "failed" and not retry_failed:
+            continue
+        if not done:
+            plan.setdefault(cell.stage.id, (cell.stage, []))[1].append(cell)
+    return list(plan.values())
+
+
+def store_callbacks(store: ResultStore, log) -> Callbacks:
+    def cell_failed(cell: CellSpec, error: str) -> None:
+        store.cell_failed(cell.id, error)
+        log(f"[red]failed[/red] {cell.label()}: {error.splitlines()[0]}")
+
+    def cell_done(cell: CellSpec, result: dict) -> None:
+        store.cell_done(cell.id, result)
+        m = result["metrics"]
+        log(f"done {cell.label()}: C-ACC {m['c_acc']}  ASR {m.get('asr')}  DER {m.get('der')}")
+
+    def stage_failed(stage: StageSpec, error: str) -> None:
+        store.stage_failed(stage.id, error)
+        log(f"[red]attack stage failed[/red] {stage.label()}: {error.splitlines()[0]}")
+
+    return Callbacks(
+        stage_started=store.stage_running,
+        stage_done=lambda stage, result: store.stage_done(stage.id, result),
+        stage_failed=stage_failed,
+        cell_started=store.cell_running,
+        cell_done=cell_done,
+        cell_failed=cell_failed,
+    )
+
+
+def make_executor(name: str, workspace: Workspace, advance) -> LocalExecutor:
+    if name == "local":
+        return LocalExecutor(workspace, on_cell_finished=advance)
+    raise BenchError(f"unknown executor {name!r}; valid: local")
+
+
+def run_grid(request: GridRequest, options: RunOptions) -> list[CellSpec]:
+    """Run every unfinished cell of the grid; returns the grid's cells (finished or not)."""
+    cells = expand(request)
+    store = ResultStore(options.store)
+    device = resolve_device(options.device)
+    plan = plan_pending(cells, store, options.retry_failed)
+    pending = sum(len(group) for _, group in plan)
+    progress.log(f"grid: {len(cells)} cells ({len(cells) - pending} already done, {pending} to run) "
+                 f"on {request.dataset}, profile {request.profile}, device {device}; store {store.path}")
+    if pending:
+        workspace = Workspace(store.artifacts_root, device)
+        started = time.perf_counter()
+        with progress.task("grid", pending) as bar:
+            executor = make_executor(options.executor, workspace, lambda: bar.advance(1))
+            executor.run(plan, store_callbacks(store, progress.log))
+        progress.log(f"grid finished in {time.perf_counter() - started:.0f} s")
+    return cells
+
+
+def summary_rows(cells: list[CellSpec], store: ResultStore) -> list[dict]:
+    wanted = {cell.id for cell in cells}
+    return [row for row in store.cells() if row["id"] in wanted]

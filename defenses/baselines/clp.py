@@ -1,0 +1,144 @@
+"""Channel Lipschitzness-based Pruning (Zheng et al., ECCV 2022): a data-free defense.
+
+A backdoor makes a few channels react strongly to a small input pattern, i.e. gives them
+a large Lipschitz constant. CLP bounds each output channel's Lipschitz constant by the
+spectral norm of its kernel (with the following BatchNorm folded in) and, layer by layer,
+prunes the channels whose bound exceeds mean + u * std of that layer's bounds.
+
+Pairing a convolution with "its" BatchNorm is found generically, without layer names or
+module order (the reference code pairs each BN with the last conv defined before it,
+which mispairs pre-activation ResNets): one forward pass of a dummy all-zeros image
+(no data is used) records which tensor each conv produced, and a BatchNorm is paired with
+the conv whose output tensor it receives as its input. A conv whose output feeds no
+BatchNorm directly (the last conv of a pre-activation block, a conv-only model) is scored
+on its own kernel and pruned by zeroing its filter; a paired channel is pruned by zeroing
+the BatchNorm's weight and bias, as in the paper.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
+from bench.registry import BenchError, register_defense
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+@dataclass
+class CLPConfig(DefenseConfig):
+    u: float = 3.0                 # prune channels with UCLC > mean + u * std (per layer)
+    unpaired_convs: bool = True    # also score convs not directly followed by a BatchNorm
+
+
+def channel_lipschitz_bounds(conv: nn.Module, bn: nn.Module | None = None) -> torch.Tensor:
+    """Upper bound of each output channel's Lipschitz constant (UCLC): the spectral norm of
+    the channel's kernel viewed as an (in_channels, kernel_elements) matrix, scaled by
+    |gamma / sqrt(running_var + eps)| when a BatchNorm follows."""
+    weight = conv.weight.detach().float()
+    matrices = weight.reshape(weight.shape[0], weight.shape[1], -1)
+    bounds = torch.linalg.matrix_norm(matrices, ord=2)
+    if bn is not None:
+        scale = torch.ones_like(bounds) if bn.weight is None else bn.weight.detach().float()
+        bounds = bounds * (scale / torch.sqrt(bn.running_var.float() + bn.eps)).abs()
+    return bounds
+
+
+def outliers(bounds: torch.Tensor, u: float) -> torch.Tensor:
+    """Indices of channels whose bound exceeds the layer's mean + u * std."""
+    if bounds.numel() < 2:
+        return torch.empty(0, dtype=torch.long, device=bounds.device)
+    return torch.nonzero(bounds > bounds.mean() + u * bounds.std()).flatten()
+
+
+@torch.no_grad()
+def conv_bn_pairs(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, nn.Module, nn.Module | None, str | None]]:
+    """(conv name, conv, bn or None, bn name) for every conv reached by a forward pass, in execution order."""
+    produced: dict[int, str] = {}    # id(output tensor) -> conv name
+    executed: list[str] = []
+    paired: dict[str, list[str]] = {}
+    names = {module: name for name, module in model.named_modules()}
+    keep_alive: list[torch.Tensor] = []  # ids stay unique only while the tensors live
+
+    def conv_hook(module, inputs, output):
+        name = names[module]
+        executed.append(name)
+        produced[id(output)] = name
+        keep_alive.append(output)
+
+    def bn_hook(module, inputs):
+        source = produced.get(id(inputs[0]))
+        if source is not None:
+            paired.setdefault(source, []).append(names[module])
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, _CONV_TYPES) and not getattr(module, "transposed", False):
+            handles.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, _BN_TYPES):
+            handles.append(module.register_forward_pre_hook(bn_hook))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        model(torch.zeros((1, *input_shape), device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    modules = dict(model.named_modules())
+    pairs = []
+    for conv_name in dict.fromkeys(executed):  # a conv called twice is scored once
+        bns = paired.get(conv_name, [])
+        if bns:
+            pairs += [(conv_name, modules[conv_name], modules[bn], bn) for bn in bns]
+        else:
+            pairs.append((conv_name, modules[conv_name], None, None))
+    return pairs
+
+
+@register_defense("clp")
+class CLP(Defense):
+    """CLP (Zheng et al. 2022): prune channels whose upper-bound Lipschitz constant is an outlier; uses no data."""
+
+    Config = CLPConfig
+    kind = "data-free"
+
+    def run(self, ctx: DefenseContext) -> DefenseResult:
+        cfg: CLPConfig = self.config
+        model = ctx.model
+        pairs = conv_bn_pairs(model, ctx.info.shape)
+        if not pairs:
+            raise BenchError("clp: the model has no convolution layers to score")
+        layers = []
+        total = pruned_total = 0
+        with torch.no_grad():
+            for conv_name, conv, bn, bn_name in pairs:
+                if bn is None and not cfg.unpaired_convs:
+                    continue
+                bounds = channel_lipschitz_bounds(conv, bn)
+                prune = outliers(bounds, cfg.u)
+                if len(prune):
+                    if bn is not None:
+                        if bn.weight is not None:
+                            bn.weight[prune] = 0
+                            bn.bias[prune] = 0
+                        else:  # an affine-free BN: silence the channel at its source instead
+                            conv.weight[prune] = 0
+                    else:
+                        conv.weight[prune] = 0
+                        if conv.bias is not None:
+                            conv.bias[prune] = 0
+                total += len(bounds)
+                pruned_total += len(prune)
+                layers.append({"conv": conv_name, "bn": bn_name, "channels": len(bounds),
+                               "pruned": prune.tolist(),
+                               "uclc_mean": round(float(bounds.mean()), 4),
+                               "uclc_std": round(float(bounds.std()), 4) if len(bounds) > 1 else 0.0,
+                               "uclc_max": round(float(bounds.max()), 4)})
+        ctx.log(f"pruned {pruned_total} of {total} channels (u={cfg.u:g})")
+        return DefenseResult(model=model, details={"u": cfg.u, "pruned_channels": pruned_total,
+                                                   "scored_channels": total, "layers": layers})
