@@ -35,6 +35,11 @@ $(STAMP): requirements.txt pyproject.toml
 
 venv: $(STAMP)
 
+# The Ray executor is optional for users; the test suite checks it, so `make test` installs it.
+$(VENV)/.ray: $(STAMP) requirements-ray.txt
+	$(PY) -m pip install --quiet -r requirements-ray.txt
+	touch $@
+
 setup: venv
 	@if [ -d /usr/share/datasets/fashion-mnist ]; then \
 		echo "Fashion-MNIST: /usr/share/datasets/fashion-mnist"; \
@@ -45,10 +50,10 @@ setup: venv
 		echo "Fashion-MNIST not installed (apt-get unavailable): bench will try \$$BENCH_DATA/fashion-mnist, then a torchvision download"; \
 	fi
 
-test: venv
+test: venv $(VENV)/.ray
 	$(PY) -m pytest -q
 
-test-all: venv
+test-all: venv $(VENV)/.ray
 	$(PY) -m pytest -q -m ""
 
 bench: venv $(if $(filter fashion-mnist,$(DATASET)),setup)

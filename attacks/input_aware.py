@@ -87,7 +87,8 @@ class InputAware(Attack):
 
     Training, as in the paper (inside ``train_model``, on ``engine.train``):
     1. The mask generator m is fitted alone for ``mask_epochs`` with the diversity loss on
-       masks plus ``lambda_norm`` * mean(relu(m(x) - mask_density)), which keeps masks small.
+       (thresholded) masks plus ``lambda_norm`` * mean(relu(m(x) - mask_density)), which keeps
+       masks small.
     2. The classifier and the pattern generator g are trained jointly (one optimiser, the
        stage's recipe; m frozen and thresholded). In each batch the backdoor samples get
        their own trigger and the target label, the cross samples get the trigger generated
@@ -107,6 +108,7 @@ class InputAware(Attack):
     """
 
     Config = InputAwareConfig
+    trigger_trained_with_model = True
 
     def __init__(self, config: InputAwareConfig, info, seed: int) -> None:
         super().__init__(config, info, seed)
@@ -116,6 +118,8 @@ class InputAware(Attack):
             self.mask_generator = Generator(info.channels, 1, info.side, config.width)
         self.pattern_generator.eval()
         self.mask_generator.eval()
+        self.mask_fraction = float("nan")  # mean thresholded mask on training images, after training
+        self.mask_loss = float("nan")
 
     # --- the trigger -------------------------------------------------------------------
     def _generators_to(self, device: torch.device) -> None:
@@ -126,6 +130,14 @@ class InputAware(Attack):
         """The trigger generated from ``source`` stamped on ``x`` (source is x, or another image for cross samples)."""
         mask = threshold(self.mask_generator(source))
         return x * (1 - mask) + self.pattern_generator(source) * mask
+
+    @staticmethod
+    def _own_and_cross(x: torch.Tensor, patterns: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image with its own trigger, and with the trigger of the next image in the batch
+        (a random other image, batches being shuffled): one generator pass serves both."""
+        own = x * (1 - masks) + patterns * masks
+        other_masks = masks.roll(1, 0)
+        return own, x * (1 - other_masks) + patterns.roll(1, 0) * other_masks
 
     @torch.no_grad()
     def apply_trigger(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -163,8 +175,7 @@ class InputAware(Attack):
             self.pattern_generator.eval()
             self.mask_generator.eval()
             batch_role = role[batch_indices].view(-1, 1, 1, 1)
-            own = self.stamp(x, x)
-            other = self.stamp(x, x.roll(1, 0))
+            own, other = self._own_and_cross(x, self.pattern_generator(x), threshold(self.mask_generator(x)))
             x = torch.where(batch_role == 1, own, torch.where(batch_role == 2, other, x))
             return x.clamp(0, 1), labels
 
@@ -180,12 +191,11 @@ class InputAware(Attack):
         cross = self.choose_cross_indices(delivered.y, poisoned.poisoned_indices)
         role = self._roles(len(delivered), poisoned.poisoned_indices.cpu(), cross, ctx.device)
         mask_history: list[dict] = []
-
         if cfg.mask_epochs > 0:
             def mask_loss(mask_generator: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-                masks = mask_generator(x)
+                masks = threshold(mask_generator(x))
                 size = F.relu(masks - cfg.mask_density).mean()
-                return cfg.lambda_div * diversity_loss(x, threshold(masks)) + cfg.lambda_norm * size
+                return cfg.lambda_div * diversity_loss(x, masks) + cfg.lambda_norm * size
 
             mask_recipe = replace(ctx.train_config, epochs=cfg.mask_epochs, optimizer="adam", lr=cfg.mask_lr,
                                   weight_decay=0.0, schedule="constant")
@@ -202,8 +212,7 @@ class InputAware(Attack):
             with torch.no_grad():
                 masks = threshold(self.mask_generator(x))
             batch_role = role[idx].view(-1, 1, 1, 1)
-            own = x * (1 - masks) + patterns * masks
-            other = x * (1 - masks.roll(1, 0)) + patterns.roll(1, 0) * masks.roll(1, 0)
+            own, other = self._own_and_cross(x, patterns, masks)
             inputs = torch.where(batch_role == 1, own, torch.where(batch_role == 2, other, x))
             return F.cross_entropy(classifier(inputs), y) + cfg.lambda_div * diversity_loss(x, patterns)
 
@@ -214,9 +223,14 @@ class InputAware(Attack):
                                parameters=parameters, on_epoch_end=self._eval_mode_callback(ctx.on_epoch_end),
                                desc="attack input-aware")
         self.pattern_generator.eval()
-        for record, mask_record in zip(history, mask_history):
-            record["mask_loss"] = mask_record["loss"]
+        with torch.no_grad():
+            probe = delivered.x[: min(len(delivered), 512)].float() / 255
+            self.mask_fraction = round(float(threshold(self.mask_generator(probe)).mean()), 4)
+        self.mask_loss = round(mask_history[-1]["loss"], 4) if mask_history else float("nan")
         return history
+
+    def details(self) -> dict:
+        return {"mask_fraction": self.mask_fraction, "mask_fit_final_loss": self.mask_loss}
 
     def _eval_mode_callback(self, callback):
         if callback is None:
@@ -235,6 +249,7 @@ class InputAware(Attack):
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"pattern.{k}": v for k, v in self.pattern_generator.state_dict().items()}
         state.update({f"mask.{k}": v for k, v in self.mask_generator.state_dict().items()})
+        state["stats"] = torch.tensor([self.mask_fraction, self.mask_loss])
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -244,3 +259,5 @@ class InputAware(Attack):
         self.mask_generator.load_state_dict({k[len("mask."):]: v for k, v in state.items() if k.startswith("mask.")})
         self.pattern_generator.eval()
         self.mask_generator.eval()
+        if "stats" in state:
+            self.mask_fraction, self.mask_loss = state["stats"].tolist()

@@ -148,10 +148,14 @@ class Trojan(Attack):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"pattern": self.pattern, "mask": self.mask, "neurons": self.neuron_indices,
-                "optimised": torch.tensor(self.pattern_source == "optimised")}
+                "optimised": torch.tensor(self.pattern_source == "optimised"),
+                "activation": torch.tensor([self.activation["initial"], self.activation["optimised"]])}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.pattern = state["pattern"]
         self.mask = state["mask"]
         self.neuron_indices = state["neurons"].cpu()
         self.pattern_source = "optimised" if bool(state["optimised"]) else "fixed"
+        if "activation" in state:
+            initial, optimised = state["activation"].tolist()
+            self.activation = {"initial": initial, "optimised": optimised}

@@ -58,8 +58,14 @@ class WaNet(Attack):
         identity = torch.stack((cols, rows), dim=-1)[None]  # grid_sample wants (x, y) order
         self.grid = ((identity + config.s * field / side) * config.grid_rescale).clamp(-1, 1)  # (1, H, W, 2)
 
+    def _grid_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        # Kept on the compute device: a host copy in every batch would stall the GPU.
+        if self.grid.device != device or self.grid.dtype != dtype:
+            self.grid = self.grid.to(device, dtype)
+        return self.grid
+
     def warp(self, x: torch.Tensor, noise: bool = False) -> torch.Tensor:
-        grid = self.grid.to(x.device, x.dtype).expand(len(x), -1, -1, -1)
+        grid = self._grid_on(x.device, x.dtype).expand(len(x), -1, -1, -1)
         if noise:
             jitter = torch.rand(grid.shape, device=x.device, dtype=x.dtype) * 2 - 1
             grid = (grid + jitter / self.info.side).clamp(-1, 1)

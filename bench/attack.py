@@ -66,6 +66,9 @@ class Attack:
     version: ClassVar[str] = "1"  # bump when behaviour changes: it is part of every cell's identity
     clean_label: ClassVar[bool] = False
     has_trigger: ClassVar[bool] = True  # False only for ``benign``
+    # True when train_model changes the trigger itself (Input-Aware trains its generator with the
+    # model): a triggered test set made before training is stale and must be made again after it.
+    trigger_trained_with_model: ClassVar[bool] = False
 
     def __init__(self, config: AttackConfig, info: DatasetInfo, seed: int) -> None:
         self.config = config
@@ -160,6 +163,10 @@ class Attack:
             sl = slice(start, start + 1024)
             out[sl] = to_uint8(self.apply_trigger(x[sl].float() / 255, y[sl]))
         return out, y, self.target_labels(y)
+
+    def details(self) -> dict:
+        """JSON-able facts about how this stage's trigger was made (e.g. an optimised or a fixed pattern)."""
+        return {}
 
     # --- learned state (patterns, generators) stored with the attack stage -------------
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -61,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--store", type=Path, default=DEFAULT_STORE, help=f"results store (default: {DEFAULT_STORE}); "
                      "artifacts go beside it")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    run.add_argument("--executor", default="local", help="local (default)")
+    run.add_argument("--executor", default="local", choices=("local", "ray"),
+                     help="local: one cell at a time here (default); ray: cells as Ray tasks")
+    run.add_argument("--address", default=None, help="ray: cluster address (auto, HOST:PORT); default starts a local Ray")
+    run.add_argument("--gpus-per-cell", type=float, default=None,
+                     help="ray: GPUs per cell, fractions allowed (default: 1 when the cluster has GPUs, else 0)")
+    run.add_argument("--artifacts", type=Path, default=None,
+                     help="artifact directory (default: beside the store); on a cluster, a path every node can reach")
     run.add_argument("--retry-failed", action="store_true", help="also re-run cells recorded as failed")
     run.add_argument("--no-report", action="store_true", help="do not write reports/<dataset>/ at the end")
     run.add_argument("--reports", type=Path, default=Path("reports"), help="report directory (default: reports)")
@@ -131,7 +137,9 @@ def command_run(args) -> None:
 
     request = GridRequest(dataset=args.dataset, profile=args.profile, model=args.model, attacks=_split(args.attacks),
                           defenses=_split(args.defenses), seeds=_seeds(args.seeds), overrides=args.override)
-    options = RunOptions(store=args.store, device=args.device, executor=args.executor, retry_failed=args.retry_failed)
+    options = RunOptions(store=args.store, device=args.device, executor=args.executor, retry_failed=args.retry_failed,
+                         artifacts=args.artifacts, address=args.address, gpus_per_cell=args.gpus_per_cell,
+                         plugins=list(args.plugin))
     cells = run_grid(request, options)
     store = ResultStore(args.store)
     print_summary(summary_rows(cells, store))

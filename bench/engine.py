@@ -35,6 +35,7 @@ class TrainConfig:
     augment: bool = True
     freeze_bn: bool = False    # BatchNorm in eval mode: running statistics frozen, gamma/beta still learn
     amp: bool = True           # bf16 autocast, CUDA only
+    compile: bool = False      # torch.compile the model for training (helps large models on GPUs; measure first)
 
 
 # loss_fn(model, x, y, indices) -> scalar loss; the default is cross-entropy.
@@ -90,8 +91,10 @@ def train(
     """
     device = next(model.parameters()).device
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # sample order, on the host
+    device_generator = torch.Generator(device=device).manual_seed(seed)  # augmentation, on the device
     model.to(memory_format=memory_format(device))
+    step_model = torch.compile(model) if cfg.compile else model
     optimizer = make_optimizer(parameters if parameters is not None else model.parameters(), cfg)
     base = torch.arange(len(data)) if indices is None else indices.cpu()
     history: list[dict] = []
@@ -105,7 +108,7 @@ def train(
                 active = torch.zeros(len(data), dtype=torch.bool)
                 active[data.schedule(epoch, cfg.epochs).cpu()] = True
                 pool = base[active[base]]
-            order = pool[torch.randperm(len(pool), generator=generator)]
+            order = pool[torch.randperm(len(pool), generator=generator)].to(device)  # one copy per epoch
             steps = max(1, math.ceil(len(order) / cfg.batch_size))
             total_loss = torch.zeros((), device=device)
             seen = 0
@@ -114,20 +117,20 @@ def train(
                 lr = lr_at(cfg, (epoch + step / steps) / cfg.epochs, epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch_idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)
+                batch_idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 if len(batch_idx) == 0:
                     continue
                 x = data.x[batch_idx].float().div_(255)
                 y = data.y[batch_idx]
                 if cfg.augment:
-                    x = augment(x, padding=info.crop_padding, hflip=info.hflip, generator=generator)
+                    x = augment(x, padding=info.crop_padding, hflip=info.hflip, generator=device_generator)
                 if data.transform is not None:
                     x, y = data.transform(x, y, batch_idx)
                 if batch_hook is not None:
                     x, y = batch_hook(x, y, batch_idx, epoch)
                 x = x.contiguous(memory_format=memory_format(device))
                 with autocast(device, cfg.amp):
-                    loss = loss_fn(model, x, y, batch_idx)
+                    loss = loss_fn(step_model, x, y, batch_idx)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

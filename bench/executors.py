@@ -3,6 +3,7 @@ their callbacks (the runner stays the only writer). ``local`` runs one cell at a
 this process. A distributed executor implements the same ``run`` contract."""
 from __future__ import annotations
 
+import os
 import traceback
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -61,6 +62,121 @@ class LocalExecutor:
                 else:
                     callbacks.cell_done(cell, result)
                 self._finished()
+
+    def _finished(self) -> None:
+        if self.on_cell_finished is not None:
+            self.on_cell_finished()
+
+
+def _ray_stage(stage_json: dict, artifacts_root: str, device: str, plugins: list[str]) -> dict:
+    workspace = _worker_workspace(artifacts_root, device, plugins)
+    return run_attack_stage(StageSpec(**stage_json), workspace)
+
+
+def _ray_cell(cell_json: dict, artifacts_root: str, device: str, plugins: list[str], stage_result: dict) -> dict:
+    # stage_result is the finished stage task's value: passing its ref makes Ray schedule the
+    # cell only after the stage (a task dependency, not polling).
+    workspace = _worker_workspace(artifacts_root, device, plugins)
+    return run_defense_cell(CellSpec.from_json(cell_json), workspace)
+
+
+_worker_cache: dict[tuple, Workspace] = {}
+
+
+def _worker_workspace(artifacts_root: str, device: str, plugins: list[str]) -> Workspace:
+    """One workspace per worker process, so consecutive cells reuse device-resident data."""
+    from pathlib import Path
+
+    from bench.device import resolve_device
+    from bench.registry import load_builtin_plugins, load_plugin_file
+
+    key = (artifacts_root, device, tuple(plugins))
+    if key not in _worker_cache:
+        os.environ.setdefault("BENCH_PROGRESS", "0")
+        load_builtin_plugins()
+        for plugin in plugins:
+            load_plugin_file(plugin)
+        _worker_cache[key] = Workspace(Path(artifacts_root), resolve_device(device))
+    return _worker_cache[key]
+
+
+class RayExecutor:
+    """Cells as Ray tasks: one GPU each where the cluster has GPUs (fractions allowed), CPUs
+    otherwise. Each stage runs once; its cells depend on it. Workers write artifacts under
+    ``artifacts_root``, which must be a path every node can reach; the runner process alone
+    writes the store, from the results the tasks return. A task whose worker or node dies
+    is retried once; a Python error in a cell is recorded, not retried."""
+
+    def __init__(self, artifacts_root, address: str | None = None, gpus_per_cell: float | None = None,
+                 cpus_per_cell: float = 1.0, plugins: list[str] | None = None,
+                 on_cell_finished: Callable[[], None] | None = None) -> None:
+        try:
+            import ray
+        except ImportError:
+            from bench.registry import BenchError
+
+            raise BenchError("--executor ray needs Ray: pip install '.[ray]' (or pip install ray)") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        if gpus_per_cell is None:
+            gpus_per_cell = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        self.gpus_per_cell = gpus_per_cell
+        self.cpus_per_cell = cpus_per_cell
+        self.artifacts_root = str(artifacts_root)
+        self.device = "cuda" if gpus_per_cell > 0 else "cpu"
+        self.plugins = [str(p) for p in (plugins or [])]
+        self.on_cell_finished = on_cell_finished
+
+    def run(self, plan: Plan, callbacks: Callbacks) -> None:
+        import dataclasses
+
+        ray = self.ray
+        options = dict(num_cpus=self.cpus_per_cell, num_gpus=self.gpus_per_cell, max_retries=1, retry_exceptions=False)
+        stage_task = ray.remote(_ray_stage).options(**options)
+        cell_task = ray.remote(_ray_cell).options(**options)
+        pending: dict = {}  # ref -> ("stage", spec) | ("cell", spec)
+        for stage, cells in plan:
+            callbacks.stage_started(stage)
+            stage_ref = stage_task.remote(dataclasses.asdict(stage), self.artifacts_root, self.device, self.plugins)
+            pending[stage_ref] = ("stage", stage)
+            for cell in cells:
+                callbacks.cell_started(cell)
+                ref = cell_task.remote(cell.to_json(), self.artifacts_root, self.device, self.plugins, stage_ref)
+                pending[ref] = ("cell", cell)
+        failed_stages: dict[str, str] = {}
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                ref = ready[0]
+                kind, spec = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except Exception as exc:
+                    error = self._error(exc)
+                    if kind == "stage":
+                        failed_stages[spec.id] = error
+                        callbacks.stage_failed(spec, error)
+                    else:
+                        stage_error = failed_stages.get(spec.stage.id)
+                        callbacks.cell_failed(spec, f"attack stage failed: {stage_error}" if stage_error else error)
+                        self._finished()
+                    continue
+                if kind == "stage":
+                    callbacks.stage_done(spec, result)
+                else:
+                    callbacks.cell_done(spec, result)
+                    self._finished()
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
+
+    def _error(self, exc: Exception) -> str:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):
+            return describe_error(cause)
+        return describe_error(exc)
 
     def _finished(self) -> None:
         if self.on_cell_finished is not None:

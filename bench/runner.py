@@ -3,7 +3,7 @@ summarise. Re-running the same command after a crash finishes the grid."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +23,10 @@ class RunOptions:
     device: str = "auto"
     executor: str = "local"
     retry_failed: bool = False
+    artifacts: Path | None = None        # default: beside the store
+    address: str | None = None           # Ray cluster address (auto, HOST:PORT); None starts a local one
+    gpus_per_cell: float | None = None   # Ray: None = 1 when the cluster has GPUs, else 0
+    plugins: list[str] = field(default_factory=list)
 
 
 def plan_pending(cells: list[CellSpec], store: ResultStore, retry_failed: bool = False) -> Plan:
@@ -63,16 +67,26 @@ def store_callbacks(store: ResultStore, log) -> Callbacks:
     )
 
 
-def make_executor(name: str, workspace: Workspace, advance) -> LocalExecutor:
-    if name == "local":
+EXECUTORS = ("local", "ray")
+
+
+def make_executor(options: RunOptions, workspace: Workspace, advance):
+    if options.executor == "local":
         return LocalExecutor(workspace, on_cell_finished=advance)
-    raise BenchError(f"unknown executor {name!r}; valid: local")
+    if options.executor == "ray":
+        from bench.executors import RayExecutor
+
+        return RayExecutor(workspace.root, address=options.address, gpus_per_cell=options.gpus_per_cell,
+                           plugins=options.plugins, on_cell_finished=advance)
+    raise BenchError(f"unknown executor {options.executor!r}; valid: {', '.join(EXECUTORS)}")
 
 
 def run_grid(request: GridRequest, options: RunOptions) -> list[CellSpec]:
     """Run every unfinished cell of the grid; returns the grid's cells (finished or not)."""
+    if options.executor not in EXECUTORS:
+        raise BenchError(f"unknown executor {options.executor!r}; valid: {', '.join(EXECUTORS)}")
     cells = expand(request)
-    store = ResultStore(options.store)
+    store = ResultStore(options.store, options.artifacts)
     device = resolve_device(options.device)
     plan = plan_pending(cells, store, options.retry_failed)
     pending = sum(len(group) for _, group in plan)
@@ -82,7 +96,7 @@ def run_grid(request: GridRequest, options: RunOptions) -> list[CellSpec]:
         workspace = Workspace(store.artifacts_root, device)
         started = time.perf_counter()
         with progress.task("grid", pending) as bar:
-            executor = make_executor(options.executor, workspace, lambda: bar.advance(1))
+            executor = make_executor(options, workspace, lambda: bar.advance(1))
             executor.run(plan, store_callbacks(store, progress.log))
         progress.log(f"grid finished in {time.perf_counter() - started:.0f} s")
     return cells

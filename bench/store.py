@@ -28,22 +28,25 @@ CREATE TABLE IF NOT EXISTS cells (
     metrics TEXT, timings TEXT, environment TEXT, details TEXT, started REAL, finished REAL
 );
 CREATE INDEX IF NOT EXISTS cells_by_dataset ON cells(dataset, status);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 STATUSES = ("running", "done", "failed")
 
 
 class ResultStore:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, artifacts_root: str | Path | None = None) -> None:
+        """``artifacts_root`` defaults to the store's directory (<store dir>/<id>/); a
+        different one (a shared filesystem for a cluster) is remembered in the store."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as conn:
+        with closing(self._connect()) as conn, conn:
             conn.executescript(SCHEMA)
-
-    @property
-    def artifacts_root(self) -> Path:
-        """Artifacts live beside the store: <store dir>/<id>/."""
-        return self.path.parent
+            if artifacts_root is not None:
+                conn.execute("INSERT INTO meta VALUES ('artifacts_root', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                             (str(Path(artifacts_root).resolve()),))
+            row = conn.execute("SELECT value FROM meta WHERE key='artifacts_root'").fetchone()
+        self.artifacts_root = Path(row[0]) if row else self.path.parent
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30)

@@ -143,7 +143,8 @@ def test_chain_links_and_reset_zero_exactly_the_chosen_channels():
     _assert_exact_reset(before, _snapshot(model), {
         "body.3.weight": _mask((8, 4, 3, 3), [1, 5]), "body.3.bias": _mask(8, [1, 5]),
         "body.4.weight": _mask(8, [1, 5]), "body.4.bias": _mask(8, [1, 5]),
-        "body.7.weight": _mask((8 - 2, 8, 3, 3), [2]), "body.7.bias": _mask(6, [2]),
+        "body.7.weight": _mask((6, 8, 3, 3), [2]) | _mask((6, 8, 3, 3), (slice(None), [1, 5])),
+        "body.7.bias": _mask(6, [2]),
         "body.8.weight": _mask(6, [2]), "body.8.bias": _mask(6, [2]),
         "classifier.weight": _mask((10, 6), (slice(None), [2])),
     })
@@ -291,3 +292,16 @@ def test_none_removes_badnets_on_the_smoke_profile(smoke_cell, workspace):
     assert tensors["round1.sample_scores"].shape == (3800,)
     poisoned = load_file(str(workspace.root / result["stage_id"] / "poison.safetensors"))["poisoned_indices"]
     assert render_diagnostics(cell_dir, poisoned).stat().st_size > 10_000
+
+
+def test_rounds_accumulate_the_flagged_sets(smoke_cell, workspace):
+    from safetensors.torch import load_file
+
+    result = smoke_cell("badnets", "none", overrides=["defense.none.rounds=2", "defense.none.finetune_epochs=1"])
+    rounds = result["details"]["rounds"]
+    tensors = load_file(str(workspace.root / result["id"] / "defense.safetensors"))
+    union = set(tensors["round1.flagged"].tolist()) | set(tensors["round2.flagged"].tolist())
+    assert set(tensors["flagged"].tolist()) == union and result["metrics"]["det_flagged"] == len(union)
+    assert rounds[0]["trained_samples"] == 3800 - rounds[0]["flagged"]
+    assert rounds[1]["trained_samples"] == 3800 - len(union)
+    assert [entry["round"] for entry in result["details"]["rounds"]] == [1, 2]

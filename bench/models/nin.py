@@ -2,10 +2,11 @@
 
 Three mlpconv blocks (a spatial convolution followed by two 1x1 convolutions), max-pool
 and average-pool between them with dropout. The original ends with a 1x1 convolution to
-the class count, a ReLU and an 8x8 (at 32 px: global) average pool. Pooling and a 1x1
-convolution commute, so here the 192 pooled channels feed one linear layer instead: the same
-function except for the ReLU on the logits, which is dropped (it only clamps scores at 0),
-and every model keeps the ``ImageClassifier`` form.
+the class count, a ReLU, and an 8x8 (at 32 px: global) average pool. Average pooling and a
+1x1 convolution commute, so here the 192 globally pooled channels feed one linear layer:
+the original's function minus the ReLU on the per-position class scores before averaging.
+That keeps the ``ImageClassifier`` form (pooled features, one linear head) and the same
+convolutions for NONE to analyse, with the same parameter count.
 """
 from __future__ import annotations
 

@@ -43,11 +43,11 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def _short(value: Any) -> str:
+def short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, (list, tuple)):
-        return ":".join(_short(v) for v in value)
+        return ":".join(short(v) for v in value)
     return str(value)
 
 
@@ -58,7 +58,7 @@ def variant_labels(name: str, configs: list[dict]) -> dict[str, str]:
         return {key: name for key in unique}
     varying = sorted(k for k in set().union(*unique.values())
                      if len({_canonical(c.get(k)) for c in unique.values()}) > 1)
-    return {key: f"{name} ({', '.join(f'{k}={_short(c.get(k))}' for k in varying)})" for key, c in unique.items()}
+    return {key: f"{name} ({', '.join(f'{k}={short(c.get(k))}' for k in varying)})" for key, c in unique.items()}
 
 
 def varying_fields(configs: list[dict]) -> list[str]:
@@ -69,7 +69,7 @@ def varying_fields(configs: list[dict]) -> list[str]:
                   if len({_canonical(c.get(k)) for c in unique.values()}) > 1)
 
 
-def _default_config(kind: str, name: str) -> str | None:
+def default_config(kind: str, name: str) -> str | None:
     """The canonical default configuration of a registered plugin (None when it is not loaded)."""
     import dataclasses
 
@@ -110,6 +110,7 @@ class ReportData:
     stages: dict[str, dict]
     setups: list[Setup]
     artifacts_root: Path
+    superseded: pd.DataFrame = field(default_factory=pd.DataFrame)  # older runs of the same settings
 
     @property
     def main(self) -> Setup | None:
@@ -153,10 +154,12 @@ def load(store: ResultStore, dataset: str) -> ReportData:
             "id": cell["id"], "stage_id": cell["stage_id"], "dataset": cell["dataset"], "model": cell["model"],
             "profile": cell["profile"], "attack": cell["attack"], "defense": cell["defense"], "seed": int(cell["seed"]),
             "status": cell["status"], "error": cell.get("error") or "", "finished": _number(cell.get("finished")),
+            "started": _number(cell.get("started")),
             "attack_config": config.get("attack_config") or {}, "defense_config": config.get("defense_config") or {},
             "setup_key": _canonical(_setup_fields(config)), "setup_fields": _setup_fields(config),
-            "metrics": metrics, "timings": timings, "environment": cell.get("environment") or {},
-            "details": cell.get("details") or {},
+            # as stored (None for a failed cell), so the JSON export is the store's own record
+            "metrics": cell.get("metrics"), "timings": cell.get("timings"), "environment": cell.get("environment"),
+            "details": cell.get("details"),
             "stage_status": stage.get("status"), "stage_s": _number((stage.get("timings") or {}).get("total_s")),
             "undef_c_acc": _number(stage_metrics.get("c_acc")), "undef_asr": _number(stage_metrics.get("asr")),
             "undef_ra": _number(stage_metrics.get("ra")), "poison_rate": _number(stage_metrics.get("poison_rate")),
@@ -168,14 +171,32 @@ def load(store: ResultStore, dataset: str) -> ReportData:
             row[name] = _number(timings.get(name))
         rows.append(row)
     frame = pd.DataFrame(rows)
+    superseded = frame.iloc[0:0]
     setups: list[Setup] = []
     if not frame.empty:
+        frame, superseded = _latest(frame)
         for key, group in frame.groupby("setup_key", sort=False):
             setups.append(Setup(key=key, label="", cells=_label(group.copy()), description=group.iloc[0]["setup_fields"]))
         setups.sort(key=lambda s: (-(s.cells["status"] == "done").sum(), -s.cells["finished"].fillna(0).max()))
         _name_setups(setups)
         frame = pd.concat([s.cells for s in setups]).sort_values(["attack_sort", "defense_sort", "seed", "id"], kind="stable")
-    return ReportData(dataset=dataset, cells=frame, stages=stages, setups=setups, artifacts_root=store.artifacts_root)
+    return ReportData(dataset=dataset, cells=frame, stages=stages, setups=setups, artifacts_root=store.artifacts_root,
+                      superseded=superseded)
+
+
+def _latest(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Keep the most recently started cell of each (setup, attack, defense, configurations, seed).
+
+    The same settings get a new cell id when a plugin's or the core's version changes; the
+    old result stays in the store but is superseded, and must not be averaged in as an
+    extra seed."""
+    identity = frame.apply(lambda r: _canonical([r["setup_key"], r["attack"], r["attack_config"], r["defense"],
+                                                 r["defense_config"], r["seed"]]), axis=1)
+    order = frame.assign(_identity=identity, _started=frame["started"].fillna(-1.0))
+    order = order.sort_values(["_identity", "_started", "id"], kind="stable")
+    latest = ~order.duplicated("_identity", keep="last")
+    keep = order[latest].drop(columns=["_identity", "_started"])
+    return keep, order[~latest].drop(columns=["_identity", "_started"])
 
 
 def _label(group: pd.DataFrame) -> pd.DataFrame:
@@ -196,7 +217,7 @@ def _label(group: pd.DataFrame) -> pd.DataFrame:
     primary = {}
     for name, sub in group.groupby("defense"):
         by_variant = sub.groupby("defense_label")
-        default = _default_config("defense", name)
+        default = default_config("defense", name)
         chosen = None
         for label, variant in by_variant:
             if default is not None and _canonical(variant.iloc[0]["defense_config"]) == default:
@@ -224,7 +245,7 @@ def _name_setups(setups: list[Setup]) -> None:
             for setup in same:
                 values = setup.description.get(section) or {}
                 if varying:
-                    setup.label += ", " + ", ".join(f"{section}.{k}={_short(values.get(k))}" for k in varying)
+                    setup.label += ", " + ", ".join(f"{section}.{k}={short(values.get(k))}" for k in varying)
 
 
 def aggregate(frame: pd.DataFrame, by: list[str], metrics: tuple[str, ...] = MAIN_METRICS) -> pd.DataFrame:

@@ -8,7 +8,6 @@ the report (never the defense) may see.
 from __future__ import annotations
 
 import importlib
-import inspect
 import shutil
 from pathlib import Path
 
@@ -57,24 +56,26 @@ def collect(data: ReportData, setup: Setup, directory: Path) -> tuple[list[tuple
             notes.append(f"{variant} x {attack}: no diagnostics figures in {source}")
             continue
         figures = []
-        prefix = _slug(f"{attack}_{variant}_seed{cell['seed']}")
+        prefix = f"{_slug(attack)}_{_slug(variant)}_seed{cell['seed']}"
+        directory.mkdir(parents=True, exist_ok=True)
         for png in pngs:
-            stem = directory / f"{prefix}_{png.stem}"
-            stem.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(png, stem.with_suffix(".png"))
+            name = f"{prefix}_{_slug(png.stem)}"
+            shutil.copyfile(png, directory / f"{name}.png")
             vector = None
             for suffix in (".svg", ".pdf"):
                 if png.with_suffix(suffix).is_file():
-                    vector = stem.with_suffix(suffix)
+                    vector = directory / f"{name}{suffix}"
                     shutil.copyfile(png.with_suffix(suffix), vector)
                     break
-            figures.append(FigureFile(png.stem.replace("_", " "), stem.with_suffix(".png"), vector, ""))
+            figures.append(FigureFile(png.stem.replace("_", " "), directory / f"{name}.png", vector, ""))
         groups.append((f"{variant} on {attack} (seed {cell['seed']})", figures))
     return groups, notes
 
 
 def _pngs(source: Path, produced) -> list[Path]:
     paths: list[Path] = []
+    if isinstance(produced, (str, Path)):
+        produced = [produced]
     if isinstance(produced, (list, tuple)):
         paths = [Path(p) for p in produced if str(p).endswith(".png") and Path(p).is_file()]
     elif isinstance(produced, dict):
@@ -83,7 +84,3 @@ def _pngs(source: Path, produced) -> list[Path]:
         paths = sorted(source.glob("*.png"))
     return sorted(set(paths))
 
-
-def renderer_signature() -> str | None:
-    render = _renderer()
-    return str(inspect.signature(render)) if render else None

@@ -83,6 +83,9 @@ def write_json(data: ReportData, path: Path) -> Path:
         "setups": [{"label": s.label, **s.description} for s in data.setups],
         "cells": cells,
         "stages": [_clean(stage) for stage in data.stages.values()],
+        # older cells of the same settings (before a plugin or core version change), not in the tables
+        "superseded": [_clean({name: cell[name] for name in CELL_FIELDS if name in cell})
+                       for _, cell in data.superseded.iterrows()],
         "summary": summary,
         "notes": "metrics in percent (DER in [0, 1]); summary: mean and sample std over the done seeds",
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +21,11 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from bench.report.collect import (REFERENCE, Setup, aggregate, has_trigger, lookup, status_of, varying_fields,
-                                  _short)
-from bench.report.palette import FAILED_HATCH
+                                  short)
+from bench.report.palette import FAILED_EDGE, FAILED_HATCH
 
 STATE_TEXT = {"failed": "failed", "missing": "—", "running": "running"}
 
@@ -46,7 +48,7 @@ def style():
 
 def save(fig: Figure, stem: Path, title: str, caption: str = "") -> FigureFile:
     stem.parent.mkdir(parents=True, exist_ok=True)
-    png, svg = stem.with_suffix(".png"), stem.with_suffix(".svg")
+    png, svg = stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.svg"
     fig.savefig(png, dpi=140, bbox_inches="tight", metadata={"Software": None})
     fig.savefig(svg, bbox_inches="tight", metadata={"Date": None})
     return FigureFile(title, png, svg, caption)
@@ -97,10 +99,13 @@ def heatmap(setup: Setup, metric: str, stem: Path) -> FigureFile | None:
         ax = fig.subplots()
         mask = np.isnan(values)
         frame = pd.DataFrame(np.where(mask, 0.0, values), index=defenses, columns=attacks)
-        sns.heatmap(frame, mask=mask, annot=text, fmt="", cmap=cmap, vmin=vmin, vmax=vmax, center=center,
-                    linewidths=0.6, linecolor="white", cbar_kws={"label": label}, ax=ax, annot_kws={"fontsize": 8})
+        with warnings.catch_warnings():  # seaborn 0.13 calls a colormap method matplotlib 3.11 deprecates
+            warnings.simplefilter("ignore", PendingDeprecationWarning)
+            sns.heatmap(frame, mask=mask, annot=text, fmt="", cmap=cmap, vmin=vmin, vmax=vmax, center=center,
+                        linewidths=0.6, linecolor="white", cbar_kws={"label": label}, ax=ax, annot_kws={"fontsize": 8})
+        ax.grid(False)
         for (i, j), state in states.items():
-            ax.add_patch(Rectangle((j, i), 1, 1, fill=False, hatch=FAILED_HATCH, edgecolor="#9a9a9a", linewidth=0))
+            ax.add_patch(Rectangle((j, i), 1, 1, fill=False, hatch=FAILED_HATCH, edgecolor=FAILED_EDGE, linewidth=0))
             ax.text(j + 0.5, i + 0.5, state, ha="center", va="center", fontsize=8, color="#333333",
                     bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.0})
         ax.set_xlabel("attack")
@@ -164,7 +169,7 @@ def scatter(setup: Setup, palette: dict[str, str], stem: Path) -> FigureFile | N
                             zorder=4, alpha=0.95)
             if absent:
                 ax.text(0.98, 0.03, "\n".join(absent), transform=ax.transAxes, ha="right", va="bottom", fontsize=7,
-                        bbox={"facecolor": "white", "edgecolor": "#bbbbbb", "hatch": FAILED_HATCH, "alpha": 0.9})
+                        bbox={"facecolor": "white", "edgecolor": "#bbbbbb", "alpha": 0.9})
             ax.set_title(attack)
             ax.set_xlabel("ASR (%)")
             ax.set_ylabel("C-ACC (%)")
@@ -218,16 +223,19 @@ def bars(setup: Setup, palette: dict[str, str], stem: Path) -> FigureFile | None
                     elif status == "missing":
                         ax.text(x, 2, "—", ha="center", va="bottom", fontsize=9, color=colour)
                     else:
-                        ax.bar(x, 100, width=width * 0.95, fill=False, hatch=FAILED_HATCH, edgecolor=colour,
-                               linewidth=0.6, alpha=0.6)
-                        ax.text(x, 50, STATE_TEXT.get(status, "n/a"), rotation=90, ha="center", va="center",
-                                fontsize=7, color="#333333")
+                        # a pale hatched column over the whole axis reads as "no value here", not as 100 %
+                        ax.bar(x, 105, width=width * 0.95, fill=False, hatch=FAILED_HATCH, edgecolor=FAILED_EDGE,
+                               linewidth=0)
+                        ax.text(x, 52, STATE_TEXT.get(status, "n/a"), rotation=90, ha="center", va="center",
+                                fontsize=8, fontweight="bold", color=colour,
+                                bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.0})
             ax.set_ylim(0, 105)
             ax.set_ylabel(label)
+            ax.grid(axis="x", visible=False)
         axes[1].set_xticks(range(len(attacks)), attacks, rotation=30, ha="right")
         axes[0].set_title("C-ACC and ASR per attack (mean over seeds, error bars: std)")
         handles = [Patch(color=palette.get(d, "#000000"), label=d) for d in defenses]
-        handles.append(Patch(facecolor="white", edgecolor="#555555", hatch=FAILED_HATCH, label="failed / running"))
+        handles.append(Patch(facecolor="white", edgecolor=FAILED_EDGE, hatch=FAILED_HATCH, label="failed / running"))
         fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
         fig.tight_layout()
         result = save(fig, stem, "C-ACC and ASR per attack", "hatched bars: failed or unfinished cells; —: not run")
@@ -278,16 +286,29 @@ def curves(setup: Setup, palette: dict[str, str], root: Path, stem: Path) -> tup
     if not panels:
         notes.append("no per-epoch test curves were recorded (profile with curve_samples=0, or no artifacts)")
         return None, notes
+    any_defense = any(lines for *_, lines in panels)
+    if not any_defense:
+        notes.append("no defense recorded per-epoch test curves; only the attack stages are plotted")
     with style():
-        fig = Figure(figsize=(10.5, 2.9 * len(panels) + 0.6))
-        axes = fig.subplots(len(panels), 2, squeeze=False)
+        fig = Figure(figsize=(10.5 if any_defense else 5.6, 2.9 * len(panels) + 0.6))
+        axes = fig.subplots(len(panels), 2 if any_defense else 1, squeeze=False)
         seen = set()
-        for (attack, seed, stage, lines), (left, right) in zip(panels, axes):
+        for (attack, seed, stage, lines), row_axes in zip(panels, axes):
+            for ax in row_axes:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            left = row_axes[0]
             for key, dash in (("test_c_acc", "-"), ("test_asr", "--")):
                 xs, ys = _curve(stage, key)
                 if xs:
                     left.plot(xs, ys, dash, color=palette[REFERENCE], marker="." if len(xs) < 30 else None)
             left.set_title(f"{attack} — attack stage (seed {seed})")
+            for ax in row_axes:
+                ax.set_ylim(-3, 103)
+                ax.set_xlabel("epoch")
+                ax.set_ylabel("%")
+            if not any_defense:
+                continue
+            right = row_axes[1]
             for defense, history in lines:
                 seen.add(defense)
                 for key, dash in (("test_c_acc", "-"), ("test_asr", "--")):
@@ -298,10 +319,6 @@ def curves(setup: Setup, palette: dict[str, str], root: Path, stem: Path) -> tup
             if not lines:
                 right.text(0.5, 0.5, "no defense recorded per-epoch curves", transform=right.transAxes, ha="center",
                            fontsize=8, color="#555555")
-            for ax in (left, right):
-                ax.set_ylim(-3, 103)
-                ax.set_xlabel("epoch")
-                ax.set_ylabel("%")
         handles = [Line2D([], [], color="#333333", linestyle="-", label="C-ACC"),
                    Line2D([], [], color="#333333", linestyle="--", label="ASR"),
                    Line2D([], [], color=palette[REFERENCE], label="attack stage")]
@@ -316,7 +333,7 @@ def curves(setup: Setup, palette: dict[str, str], root: Path, stem: Path) -> tup
 
 # --- sweeps ---------------------------------------------------------------------------------
 
-def sweeps(setup: Setup, palette: dict[str, str], directory: Path) -> list[FigureFile]:
+def sweeps(setup: Setup, palette: dict[str, str], directory: Path, prefix: str = "") -> list[FigureFile]:
     """For every defense the setup holds with several configurations: C-ACC and ASR against each
     swept field, one line per attack (and per combination of the other swept fields)."""
     results = []
@@ -328,13 +345,13 @@ def sweeps(setup: Setup, palette: dict[str, str], directory: Path) -> list[Figur
             others = [f for f in fields if f != swept]
             sub = sub.assign(
                 x=[c.get(swept) for c in sub["defense_config"]],
-                group=[a + "".join(f", {o}={_short(c.get(o))}" for o in others)
+                group=[a + "".join(f", {o}={short(c.get(o))}" for o in others)
                        for a, c in zip(sub["attack_label"], sub["defense_config"])])
             numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sub["x"])
-            sub = sub.assign(x=sub["x"].map(lambda v: v if numeric else _short(v)))
+            sub = sub.assign(x=sub["x"].map(lambda v: v if numeric else short(v)))
             table = aggregate(sub, ["group", "x"], ("c_acc", "asr"))
             results.append(_sweep_figure(defense, swept, table, numeric, palette,
-                                         directory / f"sweep_{_slug(defense)}_{_slug(swept)}"))
+                                         directory / f"{prefix}sweep_{_slug(defense)}_{_slug(swept)}"))
     return results
 
 
@@ -368,7 +385,7 @@ def _sweep_figure(defense: str, swept: str, table: pd.DataFrame, numeric: bool, 
                 values = [v for v in xs_all if v > 0]
                 if len(values) == len(xs_all) and len(values) > 2 and max(values) / min(values) >= 20:
                     ax.set_xscale("log")
-                ax.set_xticks(xs_all, [_short(v) for v in xs_all])
+                ax.set_xticks(xs_all, [short(v) for v in xs_all])
             else:
                 ax.set_xticks(range(len(xs_all)), [str(v) for v in xs_all])
         handles, labels = axes[0].get_legend_handles_labels()
@@ -384,7 +401,9 @@ def _sweep_figure(defense: str, swept: str, table: pd.DataFrame, numeric: bool, 
 
 
 def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text).strip("-")
+    import re
+
+    return re.sub(r"-+", "-", "".join(c if c.isalnum() or c in "-_" else "-" for c in text)).strip("-")
 
 
 # --- cross-dataset ------------------------------------------------------------------------------
@@ -407,13 +426,14 @@ def summary(table: pd.DataFrame, palette: dict[str, str], stem: Path) -> FigureF
                 if len(values):
                     ax.bar(i, values.mean(), width=0.7, color=colour, alpha=0.85)
                 else:
-                    ax.bar(i, 100, width=0.7, fill=False, hatch=FAILED_HATCH, edgecolor=colour, alpha=0.6)
+                    ax.bar(i, 105, width=0.7, fill=False, hatch=FAILED_HATCH, edgecolor=FAILED_EDGE, linewidth=0)
                     ax.text(i, 50, "no result", rotation=90, ha="center", va="center", fontsize=7)
                 for _, row in rows.iterrows():
                     if not math.isnan(row[metric]):
                         ax.scatter(i, row[metric], marker=markers.get(row["dataset"], "o"), color="black", s=18, zorder=3)
             ax.set_ylim(0, 105)
             ax.set_ylabel(label)
+            ax.grid(axis="x", visible=False)
         axes[1].set_xticks(range(len(defenses)), defenses, rotation=30, ha="right")
         axes[0].set_title("Across datasets: bars = mean over datasets, markers = each dataset")
         handles = [Line2D([], [], marker=markers[d], linestyle="", color="black", label=d) for d in datasets]

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import math
 
 import pandas as pd
 
-from bench.report.collect import (DETECTION_METRICS, MAIN_METRICS, REFERENCE, Setup, aggregate, has_trigger, lookup,
-                                  ordered, status_of, _default_config, _short, varying_fields)
+from bench.report.collect import (DETECTION_METRICS, MAIN_METRICS, Setup, aggregate, default_config, has_trigger, lookup,
+                                  short, status_of, varying_fields)
 
 DASH = "—"
 DIGITS = {"der": 4, "det_flagged": 0, "poisoned": 0}
@@ -45,16 +46,19 @@ def markdown_table(header: list[str], rows: list[list[str]], align: list[str] | 
     return "\n".join(lines)
 
 
+def partial_note(record) -> str:
+    return f" ({record['n_done']}/{record['n']} seeds; {record['n_failed']} failed, {record['n_running']} running)"
+
+
 def entry_text(record, status: str, names: tuple[str, ...], sep: str = " / ") -> str:
     if status == "missing":
         return DASH
-    if status in ("failed", "running"):
-        return f"**{status}**" if status == "failed" else status
-    parts = [fmt_stat(record, name) for name in names]
-    text = sep.join(parts)
-    if status == "partial":
-        text += f" ({record['n_done']}/{record['n']} seeds; {record['n_failed']} failed, {record['n_running']} running)"
-    return text
+    if status == "failed":
+        return "**failed**"
+    if status == "running":
+        return "running"
+    text = sep.join(fmt_stat(record, name) for name in names)
+    return text + (partial_note(record) if status == "partial" else "")
 
 
 def results_table(setup: Setup) -> str:
@@ -68,9 +72,8 @@ def results_table(setup: Setup) -> str:
             record = lookup(table, defense_label=defense, attack_label=attack)
             status = status_of(record)
             if status in ("done", "partial"):
-                text = entry_text(record, status, ("c_acc", "asr", "ra"))
-                text = text.replace(" (", " · " + fmt_stat(record, "der") + " (", 1) if status == "partial" \
-                    else text + " · " + fmt_stat(record, "der")
+                text = " / ".join(fmt_stat(record, name) for name in ("c_acc", "asr", "ra"))
+                text += " · " + fmt_stat(record, "der") + (partial_note(record) if status == "partial" else "")
             else:
                 text = entry_text(record, status, ())
             row.append(text)
@@ -152,10 +155,10 @@ def _utc(timestamp: float) -> str:
 def _recipe(config: dict | None) -> str:
     if not config:
         return DASH
-    text = f"{config.get('epochs')} epochs, {config.get('optimizer')} lr {_short(config.get('lr'))}"
+    text = f"{config.get('epochs')} epochs, {config.get('optimizer')} lr {short(config.get('lr'))}"
     if config.get("optimizer") == "sgd":
-        text += f" momentum {_short(config.get('momentum'))}"
-    text += f", weight decay {_short(config.get('weight_decay'))}, batch {config.get('batch_size')}, {config.get('schedule')}"
+        text += f" momentum {short(config.get('momentum'))}"
+    text += f", weight decay {short(config.get('weight_decay'))}, batch {config.get('batch_size')}, {config.get('schedule')}"
     text += ", augmentation" if config.get("augment") else ", no augmentation"
     return text
 
@@ -181,7 +184,9 @@ def setup_table(setup: Setup, dataset: str) -> str:
         sub = frame[frame["attack_label"] == attack]
         config = sub.iloc[0]["attack_config"]
         achieved = sub.drop_duplicates("stage_id")["poison_rate"].dropna()
-        if "poison_rate" in config:
+        if not has_trigger(frame, attack):
+            rates.append(f"{attack}: no poisoning")
+        elif "poison_rate" in config:
             text = f"{attack}: {100 * config['poison_rate']:g}% requested"
             if len(achieved):
                 text += f", {achieved.mean():.2f}% achieved"
@@ -208,7 +213,7 @@ def _cli_value(value) -> str:
         return "true" if value else "false"
     if value is None:
         return "none"
-    return _short(value)
+    return short(value)
 
 
 def reproduce_command(setup: Setup, dataset: str) -> str:
@@ -240,16 +245,14 @@ def reproduce_command(setup: Setup, dataset: str) -> str:
         for name in sorted(frame[kind].unique()):
             configs = list(frame.loc[frame[kind] == name, f"{kind}_config"])
             varying = set(varying_fields(configs))
-            default = _default_config(kind, name)
-            import json
-
-            default_config = json.loads(default) if default else {}
+            default = default_config(kind, name)
+            defaults = json.loads(default) if default else {}
             for key in sorted(set().union(*configs)):
                 values = []
                 for config in configs:
                     if _cli_value(config.get(key)) not in values:
                         values.append(_cli_value(config.get(key)))
-                if key in varying or (default and default_config.get(key) != configs[0].get(key)):
+                if key in varying or (default and defaults.get(key) != configs[0].get(key)):
                     overrides.append(f"{kind}.{name}.{key}={','.join(values)}")
     parts += [f"-o {o}" for o in overrides]
     return " ".join(parts)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.report.collect import REFERENCE, ReportData, Setup, has_trigger
+from bench.report.collect import ReportData, Setup, has_trigger
 from bench.report.figures import FigureFile, save, style
 
 NONE_DEFENSE = "none"
@@ -37,8 +37,9 @@ def embed(features: np.ndarray, seed: int = 0) -> np.ndarray:
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
 
-    threads = max(1, torch.get_num_threads())
-    with threadpool_limits(limits=threads):
+    # One thread: for a few hundred points it is as fast as several, and OpenMP workers that
+    # spin while the machine is busy made it ten times slower (measured on 2 loaded cores).
+    with threadpool_limits(limits=1):
         reduced = features
         if features.shape[1] > 50 and features.shape[0] > 50:
             reduced = PCA(n_components=50, random_state=seed).fit_transform(features)

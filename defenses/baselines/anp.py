@@ -52,6 +52,7 @@ class ANPConfig(DefenseConfig):
     threshold_step: float = 0.05   # candidate pruning thresholds: step, 2*step, ... threshold_max
     threshold_max: float = 0.9
     max_acc_drop: float = 0.05     # largest pruning whose reserve accuracy stays within this of the unpruned
+    bn_batch_stats: bool = False
     curve_points: int = 20         # at most this many test-curve points (ctx.monitor) over the mask epochs
 
 
@@ -144,7 +145,8 @@ class ANP(Defense):
             p.requires_grad_(False)
 
         def loss_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-            net.eval()
+            if not cfg.bn_batch_stats:
+                net.eval()
             masks.clip_masks()  # the projection after the previous optimizer step
             if cfg.eps > 0:
                 with torch.no_grad():
@@ -169,12 +171,14 @@ class ANP(Defense):
         epochs = max(1, math.ceil(cfg.iterations / steps_per_epoch))
         recipe = engine.TrainConfig(epochs=epochs, batch_size=cfg.batch_size, optimizer="sgd", lr=cfg.mask_lr,
                                     momentum=0.9, weight_decay=0.0, schedule="constant", augment=cfg.augment,
-                                    freeze_bn=True, amp=ctx.finetune_config.amp)
+                                    freeze_bn=not cfg.bn_batch_stats, amp=ctx.finetune_config.amp)
+        buffers = {k: v.clone() for k, v in model.state_dict().items()}
         try:
             history = engine.train(model, reserve, recipe, ctx.info, seed=ctx.seed, loss_fn=loss_fn,
                                    on_epoch_end=_thinned(ctx.monitor, epochs, cfg.curve_points),
                                    parameters=masks.masks, desc="anp masks")
         finally:
+            model.load_state_dict(buffers)
             masks.remove()
             for p in trainable:
                 p.requires_grad_(True)

@@ -1,9 +1,9 @@
 """Fine-tuning (FT): the simplest post-training baseline, and the second half of Fine-Pruning.
 
 The undefended model is trained further on the clean reserve only. Catastrophic
-forgetting of the trigger is what the field hopes for; Liu et al. (2018, Fine-Pruning,
-Sec. 4) found it often does not happen, because clean data rarely activates the neurons
-that carry the backdoor, so their weights barely move.
+forgetting of the trigger is what the field hopes for; Liu et al. (2018, Fine-Pruning)
+found it often does not happen, because clean data rarely activates the neurons that
+carry the backdoor, so their weights barely move.
 """
 from __future__ import annotations
 

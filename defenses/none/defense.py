@@ -77,6 +77,8 @@ class NONE(Defense):
     with BatchNorm frozen, on the poisoned training set."""
 
     Config = NoneConfig
+    description = ("NONE (Wang et al. 2022), a defense -- not 'no defense' (that is `undefended`): resets "
+                   "backdoor hyperplane neurons, drops the samples driving them, fine-tunes with BN frozen")
     kind = "training-time"
     version = "1"
 

@@ -1,0 +1,153 @@
+"""The dataset API: every dataset is one uint8 tensor (N, C, H, W) plus int64 labels.
+
+A dataset is a small class registered with ``@register_dataset``: it declares its
+``DatasetInfo`` and implements ``load(root)`` returning the train and test ``ImageSet``.
+``load_dataset`` adds the on-disk cache, so decoding and resizing happen once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from bench.registry import DATASETS, BenchError
+
+# (x float in [0, 1], y, sample indices) -> (x, y): per-batch poisoning by dynamic attacks.
+BatchTransform = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (epoch, epochs) -> the indices that take part in that epoch (slow poisoning, sample removal).
+EpochSchedule = Callable[[int, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    shape: tuple[int, int, int]  # (C, H, W)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool  # whether a horizontal flip keeps the label (not for digits, signs)
+
+    @property
+    def channels(self) -> int:
+        return self.shape[0]
+
+    @property
+    def side(self) -> int:
+        return self.shape[1]
+
+    @property
+    def crop_padding(self) -> int:
+        return max(1, round(self.side / 8))
+
+
+@dataclass
+class ImageSet:
+    """Images as uint8 (N, C, H, W) with int64 labels, usually resident on the compute device.
+
+    ``transform`` and ``schedule`` are how an attack that acts during training (dynamic
+    triggers, slow poisoning) rides along with the data into every training loop, so
+    a training-time defense trains on exactly what the attacker delivered.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    transform: BatchTransform | None = None
+    schedule: EpochSchedule | None = None
+
+    def __post_init__(self) -> None:
+        if self.x.dtype != torch.uint8 or self.x.dim() != 4:
+            raise ValueError(f"ImageSet.x must be uint8 (N, C, H, W), got {self.x.dtype} {tuple(self.x.shape)}")
+        if len(self.x) != len(self.y):
+            raise ValueError(f"ImageSet has {len(self.x)} images but {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def to(self, device: torch.device | str) -> "ImageSet":
+        return replace(self, x=self.x.to(device), y=self.y.to(device))
+
+    def subset(self, indices: torch.Tensor) -> "ImageSet":
+        """Plain data subset; transform/schedule are per-index and do not carry over."""
+        indices = indices.to(self.x.device)
+        return ImageSet(self.x[indices], self.y[indices])
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float images in [0, 1] and labels for ``indices``, with the dynamic transform applied."""
+        indices = indices.to(self.x.device)
+        x = self.x[indices].float().div_(255)
+        y = self.y[indices]
+        if self.transform is not None:
+            x, y = self.transform(x, y, indices)
+        return x, y
+
+    def batches(self, batch_size: int):
+        """Fixed-order, unaugmented pass over the set: yields (indices, x, y)."""
+        for start in range(0, len(self), batch_size):
+            indices = torch.arange(start, min(start + batch_size, len(self)), device=self.x.device)
+            x, y = self.batch(indices)
+            yield indices, x, y
+
+
+class Dataset:
+    """Base class of registered datasets. Subclasses set ``info`` and implement ``load``."""
+
+    info: ClassVar[DatasetInfo]
+    description: ClassVar[str] = ""
+    # Bump when decoding/resizing changes so stale caches are rebuilt.
+    cache_version: ClassVar[str] = "1"
+
+    def load(self, root: Path) -> tuple[ImageSet, ImageSet]:
+        raise NotImplementedError
+
+    def cache_key(self) -> str:
+        return f"{self.info.name}-{self.cache_version}"
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("BENCH_DATA", "data")).expanduser()
+
+
+def load_dataset(name: str, root: Path | None = None, *, use_cache: bool = True) -> tuple[DatasetInfo, ImageSet, ImageSet]:
+    """Load a registered dataset (CPU tensors), decoding once and caching as safetensors."""
+    dataset: Dataset = DATASETS.get(name)()
+    root = Path(root) if root is not None else data_root()
+    cache_file = root / "cache" / f"{dataset.cache_key()}.safetensors"
+    if use_cache and cache_file.is_file():
+        try:
+            tensors = load_file(str(cache_file))
+            return dataset.info, ImageSet(tensors["train_x"], tensors["train_y"]), ImageSet(tensors["test_x"], tensors["test_y"])
+        except Exception:
+            cache_file.unlink(missing_ok=True)  # a corrupt cache is rebuilt, not fatal
+    train, test = dataset.load(root)
+    _check_loaded(dataset.info, train, test)
+    if use_cache:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+        save_file({"train_x": train.x.contiguous(), "train_y": train.y.contiguous(),
+                   "test_x": test.x.contiguous(), "test_y": test.y.contiguous()}, str(tmp))
+        os.replace(tmp, cache_file)
+    return dataset.info, train, test
+
+
+def _check_loaded(info: DatasetInfo, train: ImageSet, test: ImageSet) -> None:
+    for split, images in (("train", train), ("test", test)):
+        if tuple(images.x.shape[1:]) != info.shape:
+            raise BenchError(f"dataset {info.name} {split} images have shape {tuple(images.x.shape[1:])}, "
+                             f"expected {info.shape}")
+        if len(images) and (int(images.y.min()) < 0 or int(images.y.max()) >= info.num_classes):
+            raise BenchError(f"dataset {info.name} {split} labels outside 0..{info.num_classes - 1}")
+
+
+def fingerprint(images: ImageSet) -> str:
+    """A short content hash, recorded with results so a changed dataset is noticed."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(list(images.x.shape)).encode())
+    digest.update(images.x.cpu().numpy().tobytes()[: 1 << 20])
+    digest.update(images.y.cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

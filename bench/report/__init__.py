@@ -1,0 +1,141 @@
+"""Reports rendered from the results store, and only from it (plus the artifact directories
+its rows point to): ``reports/<dataset>/`` (README.md with tables and figures, results.csv,
+results.json, figures/) and ``reports/index.md`` across datasets.
+
+Modules: ``collect`` (store -> tidy frame), ``tables`` (markdown), ``figures`` (seaborn),
+``tsne`` (features of rebuilt models), ``diagnostics`` (NONE's own figures), ``exports``
+(CSV/JSON), ``summary`` (cross-dataset measures).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from bench.report import diagnostics, exports, figures, tables, tsne
+from bench.report.collect import ReportData, Setup, load
+from bench.report.figures import FigureFile
+from bench.report.palette import defense_palette
+from bench.report.summary import reduction_factor, write_index
+
+__all__ = ["write_report", "write_index", "load"]
+
+HEADER = ("<!-- Generated from the results store by bench.report (`python -m bench report`); edits are overwritten. "
+          "Put hand-written notes in NOTES.md beside this file: they are included below. -->")
+
+
+def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True, tsne_samples: int = 300,
+                 device: str = "auto") -> Path:
+    """Write ``<out_dir>/<dataset>/`` (README.md, results.csv, results.json, figures/) and return
+    that directory. ``tsne_figure=False`` skips the only part that loads models."""
+    data = load(store, dataset)
+    directory = Path(out_dir) / dataset
+    directory.mkdir(parents=True, exist_ok=True)
+    figure_dir = directory / "figures"
+    shutil.rmtree(figure_dir, ignore_errors=True)  # figures of cells no longer in the store must not linger
+    figure_dir.mkdir()
+    exports.write_csv(data, directory / "results.csv")
+    exports.write_json(data, directory / "results.json")
+    palette = defense_palette(sorted(data.cells["defense"].unique()) if not data.cells.empty else [])
+    lines = [HEADER, "", f"# Backdoor defenses on {dataset}", ""]
+    notes_file = directory / "NOTES.md"
+    if notes_file.is_file():
+        lines += [notes_file.read_text().strip(), ""]
+    if not data.setups:
+        lines += ["The results store holds no cells for this dataset yet: run `python -m bench run --dataset "
+                  f"{dataset}`.", ""]
+    else:
+        factor = reduction_factor(data.main)
+        if factor is not None:
+            lines += [f"**NONE's ASR reduction vs undefended** ({data.main.label}): {factor.text()}.", ""]
+        if len(data.superseded):
+            lines += [f"{len(data.superseded)} older cell(s) of the same settings, from before a plugin or core version "
+                      "change, are superseded by their re-runs and not shown (they remain in the store).", ""]
+        several = len(data.setups) > 1
+        if several:
+            lines += [f"The store holds {len(data.setups)} setups for {dataset}; they are reported separately, "
+                      "the one with most finished cells first.", ""]
+        for number, setup in enumerate(data.setups, start=1):
+            prefix = f"s{number}_" if several else ""
+            level = "###" if several else "##"
+            if several:
+                lines += [f"## Setup {number}: {setup.label}", ""]
+            lines += _section(data, setup, figure_dir, prefix, palette, level, tsne_figure, tsne_samples, device)
+    lines += ["## Files", "", "- [`results.csv`](results.csv): one row per cell and metric (tidy)",
+              "- [`results.json`](results.json): every cell and stage as stored, and the aggregated table",
+              "- `figures/`: every figure as PNG and SVG", ""]
+    (directory / "README.md").write_text("\n".join(lines))
+    return directory
+
+
+def _figure_lines(figure: FigureFile | None, directory: Path, level: str) -> list[str]:
+    if figure is None:
+        return []
+    png = figure.png.relative_to(directory).as_posix()
+    lines = [f"{level} {figure.title}", "", f"![{figure.title}]({png})", ""]
+    extra = []
+    if figure.caption:
+        extra.append(figure.caption[0].upper() + figure.caption[1:] + ".")
+    if figure.svg is not None:
+        extra.append(f"[{figure.svg.suffix[1:].upper()}]({figure.svg.relative_to(directory).as_posix()})")
+    if extra:
+        lines += [" ".join(extra), ""]
+    return lines
+
+
+def _section(data: ReportData, setup: Setup, figure_dir: Path, prefix: str, palette: dict, level: str,
+             tsne_figure: bool, tsne_samples: int, device: str) -> list[str]:
+    directory = figure_dir.parent
+    sub = level + "#"
+    notes: list[str] = []
+    lines = [f"{level} Setup", "", tables.setup_table(setup, data.dataset), "",
+             "Reproduce (an equivalent command rebuilt from the stored configurations):", "", "```bash",
+             tables.reproduce_command(setup, data.dataset), "```", ""]
+    lines += [f"{level} Results", "",
+              "Each entry: **C-ACC / ASR / RA · DER** — clean accuracy, attack success rate and robust accuracy in %, "
+              "DER in [0, 1] (0.5: no change; higher is better). Mean ± sample std over seeds when there are several. "
+              "**failed**: the cell failed (see below); —: not run; `benign` has no trigger, so no ASR/RA/DER.", "",
+              tables.results_table(setup), ""]
+    detection = tables.detection_table(setup)
+    if detection:
+        lines += [f"{level} Detection of poisoned training samples", "",
+                  "Defenses that flag training samples, against the true poisoned indices (which they never see).", "",
+                  detection, ""]
+    lines += [f"{level} Cost", "", "Wall seconds on the device above: the attack stage trains the undefended model once "
+              "per attack and seed and is shared by every defense; defense columns are the defense alone.", "",
+              tables.cost_table(setup), ""]
+    failures = tables.failures_table(setup, data.stages)
+    if failures:
+        lines += [f"{level} Failed and unfinished cells", "", failures, ""]
+    lines += [f"{level} Figures", ""]
+    for metric in ("asr", "c_acc", "der"):
+        lines += _figure_lines(figures.heatmap(setup, metric, figure_dir / f"{prefix}heatmap_{metric}"), directory, sub)
+    lines += _figure_lines(figures.scatter(setup, palette, figure_dir / f"{prefix}acc_vs_asr"), directory, sub)
+    lines += _figure_lines(figures.bars(setup, palette, figure_dir / f"{prefix}bars"), directory, sub)
+    curve, curve_notes = figures.curves(setup, palette, data.artifacts_root, figure_dir / f"{prefix}curves")
+    lines += _figure_lines(curve, directory, sub)
+    notes += curve_notes
+    groups, diag_notes = diagnostics.collect(data, setup, figure_dir / f"{prefix}none")
+    notes += diag_notes
+    if groups:
+        lines += [f"{sub} NONE diagnostics", "",
+                  "Drawn by the NONE defense: channel scores per analysed layer and the per-sample detection score "
+                  "histogram (poisoned vs clean by ground truth).", ""]
+        for heading, group in groups:
+            lines += [f"**{heading}**", ""]
+            for figure in group:
+                lines += [f"![{figure.title}]({figure.png.relative_to(directory).as_posix()})", ""]
+    if tsne_figure:
+        try:
+            embedding, tsne_notes = tsne.render(data, setup, figure_dir / f"{prefix}tsne", tsne_samples, device)
+        except Exception as exc:  # rebuilding models can fail for reasons outside the report (a broken plugin)
+            embedding, tsne_notes = None, [f"t-SNE failed: {exc.__class__.__name__}: {exc}"]
+        lines += _figure_lines(embedding, directory, sub)
+        notes += [f"t-SNE: {n}" for n in tsne_notes]
+    else:
+        notes.append("t-SNE skipped on request")
+    for figure in figures.sweeps(setup, palette, figure_dir, prefix):
+        lines += _figure_lines(figure, directory, sub)
+    if notes:
+        lines += [f"{level} Notes", ""] + [f"- {note}" for note in notes] + [""]
+    return lines
+

@@ -1,0 +1,366 @@
+"""Trigger-inversion scanner: REASR, the natural-backdoor metric (protocol.md, "Natural backdoor").
+
+In the spirit of ABS (Liu et al., CCS 2019) and K-Arm (Shen et al., ICML 2021): for each
+candidate target label, optimise a universal trigger -- a mask ``m`` (1xHxW) and a pattern
+``p`` (CxHxW), both sigmoid-parameterised -- so that stamped images
+``x' = (1 - m) * x + m * p`` go to that label, while the mask's L1 norm stays within a bound
+given as a fraction of the image area. REASR at a bound is the share of held-out images
+(not of the candidate's class) that the best candidate's trigger sends to that label.
+
+Design choices and why:
+- Candidates are either all labels, or the labels that ABS-style neuron stimulation
+  elevates (for many-class datasets, where inverting every label is too expensive).
+- Every (bound, candidate) trigger is optimised in one batched tensor (chunked only to bound
+  memory), so a scan is a few hundred large forward/backward passes, not a Python loop.
+- The size bound is a soft penalty during the search, then a hard projection (keep the
+  top-k mask pixels, k = floor(bound * H * W)) followed by a refinement restricted to that
+  support: the reported trigger satisfies the bound by construction, so REASR is never
+  earned by a trigger larger than the bound says.
+- REASR is measured on images never used for the optimisation: a trigger that only
+  overfits its optimisation images is not a backdoor.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.data.base import DatasetInfo, ImageSet
+from bench.device import autocast
+from bench.registry import BenchError
+
+
+@dataclass
+class ScanConfig:
+    bounds: tuple[float, ...] = (0.02, 0.04, 0.06, 0.08, 0.10, 0.12)  # mask L1 as a fraction of the image area
+    images_per_class: int = 10          # clean images per class used to optimise (at most half of each class)
+    eval_images_per_class: int | None = 50  # held-out images per class that REASR is measured on (None: all the rest)
+    steps: int = 300                    # optimisation steps per bound with the soft size penalty
+    refine_steps: int = 100             # steps after the hard projection, on the kept support only
+    lr: float = 0.1
+    penalty: float = 10.0               # weight of the (relative) excess of the mask's L1 over the bound
+    candidates: Literal["all", "stimulation"] = "all"
+    max_candidates: int = 10            # cap on labels picked by stimulation
+    stimulation_layer: str | None = None  # module name (as in named_modules); None: the last spatial layer
+    stimulation_values: int = 8         # stimulation levels from 0 to stimulation_scale x the layer's max
+    stimulation_scale: float = 4.0
+    max_batch_images: int = 8192        # images per forward pass (triggers x images); bounds memory
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.bounds = tuple(float(b) for b in self.bounds)
+        if not self.bounds or any(not 0.0 < b <= 1.0 for b in self.bounds):
+            raise BenchError(f"scan bounds must be fractions of the image area in (0, 1], got {self.bounds}")
+        if self.candidates not in ("all", "stimulation"):
+            raise BenchError(f"scan candidates must be 'all' or 'stimulation', got {self.candidates!r}")
+        if self.images_per_class < 1 or self.steps < 0 or self.refine_steps < 0 or self.max_candidates < 1:
+            raise BenchError("scan needs images_per_class >= 1, max_candidates >= 1 and non-negative steps")
+
+
+@dataclass
+class ScanResult:
+    bounds: tuple[float, ...]
+    reasr: dict[float, float]           # bound -> REASR in percent (best candidate)
+    best_label: dict[float, int]        # bound -> the best candidate label
+    max_reasr: float                    # max over bounds, percent
+    masks: torch.Tensor                 # (bounds, 1, H, W): best candidate's mask per bound (CPU)
+    patterns: torch.Tensor              # (bounds, C, H, W): best candidate's pattern per bound (CPU)
+    candidates: list[int]               # labels that were inverted
+    per_candidate: torch.Tensor         # (bounds, candidates) REASR in percent (CPU)
+    mask_l1: dict[float, float]         # bound -> L1 of the reported mask as a fraction of the area
+    opt_images: int                     # images used to optimise
+    eval_images: int                    # held-out images REASR is measured on
+    seconds: float
+    stimulation: dict = field(default_factory=dict)  # layer, neuron scores (when candidates="stimulation")
+
+    def to_json(self) -> dict:
+        """A JSON-able summary for result files (bounds as strings: JSON keys)."""
+        return {
+            "bounds": list(self.bounds),
+            "reasr": {f"{b:g}": round(v, 2) for b, v in self.reasr.items()},
+            "best_label": {f"{b:g}": v for b, v in self.best_label.items()},
+            "max_reasr": round(self.max_reasr, 2),
+            "candidates": self.candidates,
+            "per_candidate": [[round(v, 2) for v in row] for row in self.per_candidate.tolist()],
+            "mask_l1": {f"{b:g}": round(v, 5) for b, v in self.mask_l1.items()},
+            "opt_images": self.opt_images,
+            "eval_images": self.eval_images,
+            "seconds": round(self.seconds, 2),
+            "stimulation": self.stimulation,
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The reversed triggers, for safetensors."""
+        return {"scan_masks": self.masks.contiguous(), "scan_patterns": self.patterns.contiguous(),
+                "scan_bounds": torch.tensor(self.bounds), "scan_per_candidate": self.per_candidate.contiguous()}
+
+
+def stamp(x: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
+    """Every trigger on every image: x (N,C,H,W), masks (T,1,H,W), patterns (T,C,H,W) -> (T*N,C,H,W)."""
+    stamped = (1 - masks).unsqueeze(1) * x.unsqueeze(0) + (masks * patterns).unsqueeze(1)
+    return stamped.flatten(0, 1)
+
+
+def split_images(images: ImageSet, num_classes: int, config: ScanConfig, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per class, a seeded choice of optimisation images and disjoint held-out images.
+
+    Images are taken as stored (uint8 -> [0, 1]); the set is expected to be clean (test or
+    reserve), so any per-batch transform is ignored on purpose.
+    """
+    labels = images.y.cpu()
+    opt, held = [], []
+    for label in range(num_classes):
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_opt = min(config.images_per_class, len(members) // 2)
+        rest = members[n_opt:]
+        if config.eval_images_per_class is not None:
+            rest = rest[:config.eval_images_per_class]
+        opt.append(members[:n_opt])
+        held.append(rest)
+    opt_idx, held_idx = torch.cat(opt).to(images.x.device), torch.cat(held).to(images.x.device)
+    if len(opt_idx) == 0 or len(held_idx) == 0:
+        raise BenchError(f"scan needs at least two images of some class, got {len(images)} images")
+    to_float = lambda idx: images.x[idx].float().div_(255)  # noqa: E731
+    return to_float(opt_idx), images.y[opt_idx], to_float(held_idx), images.y[held_idx]
+
+
+class _FrozenEval:
+    """Eval mode and no parameter gradients for the scan; the model is restored afterwards."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> nn.Module:
+        self.training = self.model.training
+        self.grad = [(p, p.requires_grad) for p in self.model.parameters()]
+        self.model.eval()
+        for p, _ in self.grad:
+            p.requires_grad_(False)
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        for p, flag in self.grad:
+            p.requires_grad_(flag)
+        self.model.train(self.training)
+
+
+# --- candidate labels by neuron stimulation (ABS) -----------------------------------------
+def _last_spatial_layer(model: nn.Module, probe: torch.Tensor) -> str:
+    """The last leaf module (in execution order) whose output is a feature map larger than 1x1."""
+    names = {module: name for name, module in model.named_modules()}
+    order: list[str] = []
+    hooks = []
+    for module in model.modules():
+        if next(module.children(), None) is None:
+            def record(mod, _inp, out, name=names[module]):
+                if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
+                    order.append(name)
+            hooks.append(module.register_forward_hook(record))
+    try:
+        model(probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not order:
+        raise BenchError("stimulation needs a convolutional layer; use scan candidates='all' for this model")
+    return order[-1]
+
+
+@torch.no_grad()
+def stimulation_candidates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                           config: ScanConfig) -> tuple[list[int], dict]:
+    """ABS neuron stimulation: set one channel of an inner layer to a range of values on clean
+    images and see which label it elevates. A neuron is suspicious when, on every image not of
+    that label, some stimulation level makes that label win by a margin; its score is the
+    smallest such margin over the images. Labels of the top-scoring neurons are the candidates."""
+    layer = config.stimulation_layer or _last_spatial_layer(model, x[:1])
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        raise BenchError(f"stimulation layer {layer!r} is not a module of the model")
+    module = modules[layer]
+    captured: list[torch.Tensor] = []
+    hook = module.register_forward_hook(lambda mod, inp, out: captured.append(out.detach()))
+    try:
+        model(x)
+    finally:
+        hook.remove()
+    activations = captured[0]
+    n_neurons = activations.shape[1]
+    levels = torch.linspace(0, config.stimulation_scale, config.stimulation_values, device=x.device)
+    levels = levels * activations.amax().clamp_min(1e-6)
+    n, v = len(x), len(levels)
+    chunk = max(1, config.max_batch_images // (n * v))
+    state: dict[str, torch.Tensor] = {}
+
+    def stimulate(mod, inp, out):
+        out = out.clone()
+        rows = torch.arange(len(out), device=out.device)
+        out[rows, state["neuron"]] = state["value"].view(-1, 1, 1).to(out.dtype)
+        return out
+
+    own = y.view(1, -1, 1) == torch.arange(num_classes, device=x.device).view(1, 1, -1)  # (1, N, K)
+    scores, labels = [], []
+    hook = module.register_forward_hook(stimulate)
+    try:
+        for start in range(0, n_neurons, chunk):
+            neurons = torch.arange(start, min(start + chunk, n_neurons), device=x.device)
+            j = len(neurons)
+            state["neuron"] = neurons.view(j, 1, 1).expand(j, v, n).reshape(-1)
+            state["value"] = levels.view(1, v, 1).expand(j, v, n).reshape(-1)
+            with autocast(x.device):
+                logits = model(x.repeat(j * v, 1, 1, 1)).float().view(j, v, n, num_classes)
+            top2 = logits.topk(2, dim=-1)
+            winner = F.one_hot(top2.indices[..., 0], num_classes).bool()
+            best_other = torch.where(winner, top2.values[..., 1:2], top2.values[..., 0:1])
+            margin = (logits - best_other).amax(dim=1)                        # (J, N, K): best level
+            margin = margin.masked_fill(own, float("inf")).amin(dim=1)        # (J, K): worst image
+            score, label = margin.max(dim=1)
+            scores.append(score)
+            labels.append(label)
+    finally:
+        hook.remove()
+    scores_t, labels_t = torch.cat(scores).cpu(), torch.cat(labels).cpu()
+    chosen: list[int] = []
+    for neuron in torch.argsort(scores_t, descending=True).tolist():
+        label = int(labels_t[neuron])
+        if label not in chosen:
+            chosen.append(label)
+        if len(chosen) == config.max_candidates:
+            break
+    top = torch.argsort(scores_t, descending=True)[:20].tolist()
+    details = {"layer": layer, "top_neurons": [{"neuron": i, "label": int(labels_t[i]), "score": round(float(scores_t[i]), 4)}
+                                               for i in top]}
+    return chosen, details
+
+
+# --- the inversion ------------------------------------------------------------------------
+def _invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, bound_px: torch.Tensor,
+            config: ScanConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimise one trigger per (label, bound) row, all together. Returns masks (T,1,H,W) and patterns (T,C,H,W)."""
+    device = x.device
+    t = len(labels)
+    _, c, h, w = x.shape
+    area = h * w
+    start = torch.logit(torch.clamp(bound_px / area, 0.01, 0.5))
+    mask_logit = (start.view(t, 1, 1, 1).cpu() + 0.1 * torch.randn(t, 1, h, w, generator=generator)).to(device)
+    pattern_logit = torch.randn(t, c, h, w, generator=generator).to(device)
+    mask_logit.requires_grad_(True)
+    pattern_logit.requires_grad_(True)
+    optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=config.lr)
+    # Images of a candidate's own class say nothing about a trigger towards it.
+    weight = (y.view(1, -1) != labels.view(-1, 1)).float()
+    weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(1)
+    target = labels.view(-1, 1).expand(t, len(x)).reshape(-1)
+    support = torch.ones(t, 1, h, w, device=device)
+
+    def step(penalise: bool) -> None:
+        mask = torch.sigmoid(mask_logit) * support
+        pattern = torch.sigmoid(pattern_logit)
+        with autocast(device):
+            logits = model(stamp(x, mask, pattern))
+        ce = F.cross_entropy(logits.float(), target, reduction="none").view(t, -1)
+        loss = (ce * weight).sum()
+        if penalise:
+            l1 = mask.flatten(1).sum(1)
+            loss = loss + config.penalty * (F.relu(l1 - bound_px) / bound_px).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(config.steps):
+        step(True)
+    # Hard projection: the k largest mask pixels, k the bound in whole pixels, so the final
+    # L1 (a sum of k values in [0, 1]) cannot exceed the bound.
+    with torch.no_grad():
+        k = bound_px.floor().clamp_min(1).long()
+        ranked = torch.sigmoid(mask_logit).flatten(1).argsort(dim=1, descending=True).argsort(dim=1)
+        support = (ranked < k.view(-1, 1)).float().view(t, 1, h, w)
+    for _ in range(config.refine_steps):
+        step(False)
+    with torch.no_grad():
+        return (torch.sigmoid(mask_logit) * support).detach(), torch.sigmoid(pattern_logit).detach()
+
+
+@torch.no_grad()
+def _success(model: nn.Module, x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
+             patterns: torch.Tensor, max_batch: int) -> torch.Tensor:
+    """Per trigger, the share (percent) of held-out images not of its label that it sends to its label."""
+    rates = []
+    chunk = max(1, max_batch // len(x))
+    for start in range(0, len(labels), chunk):
+        lab = labels[start:start + chunk]
+        with autocast(x.device):
+            pred = model(stamp(x, masks[start:start + chunk], patterns[start:start + chunk])).argmax(1)
+        pred = pred.view(len(lab), len(x))
+        valid = y.view(1, -1) != lab.view(-1, 1)
+        hits = ((pred == lab.view(-1, 1)) & valid).sum(1).float()
+        rates.append(100 * hits / valid.sum(1).clamp_min(1).float())
+    return torch.cat(rates)
+
+
+def scan(model: nn.Module, images: ImageSet, info: DatasetInfo, config: ScanConfig | None = None) -> ScanResult:
+    """Invert triggers for the candidate labels at every bound and report REASR per bound.
+
+    ``model`` takes float images in [0, 1] (it normalises internally); ``images`` should be
+    clean (test or reserve). The model is left as it was (mode and requires_grad).
+    """
+    config = config or ScanConfig()
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(config.seed)
+    images = images.to(device)
+    x_opt, y_opt, x_eval, y_eval = split_images(images, info.num_classes, config, generator)
+    area = info.shape[1] * info.shape[2]
+    with _FrozenEval(model):
+        stimulation: dict = {}
+        if config.candidates == "stimulation":
+            candidates, stimulation = stimulation_candidates(model, x_opt, y_opt, info.num_classes, config)
+        else:
+            candidates = list(range(info.num_classes))
+        n_bounds, n_cand = len(config.bounds), len(candidates)
+        # Rows are (bound, candidate) pairs, bound-major, so row i belongs to bound i // n_cand.
+        labels = torch.tensor(candidates, device=device).repeat(n_bounds)
+        bound_px = torch.tensor(config.bounds, device=device).repeat_interleave(n_cand) * area
+        chunk = max(1, config.max_batch_images // len(x_opt))
+        masks, patterns = [], []
+        with torch.enable_grad():
+            for start in range(0, len(labels), chunk):
+                m, p = _invert(model, x_opt, y_opt, labels[start:start + chunk], bound_px[start:start + chunk],
+                               config, generator)
+                masks.append(m)
+                patterns.append(p)
+        masks_t, patterns_t = torch.cat(masks), torch.cat(patterns)
+        rates = _success(model, x_eval, y_eval, labels, masks_t, patterns_t, config.max_batch_images)
+    rates = rates.view(n_bounds, n_cand).cpu()
+    best = rates.argmax(dim=1)
+    rows = torch.arange(n_bounds) * n_cand + best
+    best_masks, best_patterns = masks_t[rows.to(device)].cpu(), patterns_t[rows.to(device)].cpu()
+    reasr = {b: float(rates[i, best[i]]) for i, b in enumerate(config.bounds)}
+    return ScanResult(
+        bounds=config.bounds,
+        reasr=reasr,
+        best_label={b: candidates[int(best[i])] for i, b in enumerate(config.bounds)},
+        max_reasr=max(reasr.values()),
+        masks=best_masks,
+        patterns=best_patterns,
+        candidates=candidates,
+        per_candidate=rates,
+        mask_l1={b: float(best_masks[i].sum()) / area for i, b in enumerate(config.bounds)},
+        opt_images=len(x_opt),
+        eval_images=len(x_eval),
+        seconds=time.perf_counter() - started,
+        stimulation=stimulation,
+    )
+
+
+def config_dict(config: ScanConfig) -> dict:
+    """The scan's settings as a JSON-able dict (for cell identities and result files)."""
+    data = asdict(config)
+    data["bounds"] = list(config.bounds)
+    return data

@@ -1,0 +1,121 @@
+"""Training throughput: the project's engine vs a toolbox-style pipeline, same model, data, machine.
+
+The engine keeps the dataset on the device as uint8 and augments whole batches there; the
+toolbox pipeline is what most backdoor toolboxes do: a torch Dataset returning PIL images
+through torchvision transforms, batched by a DataLoader with worker processes.
+
+    python benchmarks/throughput.py [--repeats 3] [--samples 8192] [--out BENCHMARKS.md]
+
+Prints images/s for both and their ratio (median of the repeats) per configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms
+
+from bench.data.base import ImageSet, load_dataset
+from bench.data.synthetic import make_synthetic
+from bench.device import describe, resolve_device
+from bench.engine import TrainConfig, train
+from bench.models import build_model
+from bench.registry import DATASETS
+
+
+class PILDataset(torch.utils.data.Dataset):
+    def __init__(self, images: ImageSet, transform) -> None:
+        self.x = images.x.cpu().numpy()
+        self.y = images.y.cpu().numpy()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int):
+        array = self.x[index]
+        image = Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0))
+        return self.transform(image), int(self.y[index])
+
+
+def toolbox_epoch(model, images: ImageSet, info, device, batch_size: int, workers: int) -> float:
+    steps = [transforms.RandomCrop(info.side, padding=info.crop_padding)]
+    if info.hflip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps.append(transforms.ToTensor())
+    loader = DataLoader(PILDataset(images, transforms.Compose(steps)), batch_size=batch_size, shuffle=True,
+                        num_workers=workers, persistent_workers=False, pin_memory=device.type == "cuda")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    started = time.perf_counter()
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(images) / (time.perf_counter() - started)
+
+
+def engine_epoch(model, images: ImageSet, info, device, batch_size: int) -> float:
+    history = train(model, images.to(device), TrainConfig(epochs=1, batch_size=batch_size, lr=0.01), info, seed=0, desc="engine")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return history[0]["images_per_s"]
+
+
+def measure(label: str, model_name: str, images: ImageSet, info, device, repeats: int, batch_size: int, workers: int) -> dict:
+    engine_rates, toolbox_rates = [], []
+    for _ in range(repeats):
+        torch.manual_seed(0)
+        engine_rates.append(engine_epoch(build_model(model_name, info).to(device), images, info, device, batch_size))
+        torch.manual_seed(0)
+        toolbox_rates.append(toolbox_epoch(build_model(model_name, info).to(device), images, info, device, batch_size, workers))
+    engine_rate, toolbox_rate = statistics.median(engine_rates), statistics.median(toolbox_rates)
+    row = {"config": label, "model": model_name, "samples": len(images), "engine": engine_rate, "toolbox": toolbox_rate,
+           "ratio": engine_rate / toolbox_rate}
+    print(f"{label:<40} engine {engine_rate:9.0f} img/s   toolbox {toolbox_rate:9.0f} img/s   ratio {row['ratio']:.2f}x", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=8192, help="training images per epoch")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default=None, help="append a results table to this markdown file")
+    args = parser.parse_args()
+    os.environ.setdefault("BENCH_PROGRESS", "0")
+    device = resolve_device(args.device)
+    rows = []
+    info, train_set, _ = load_dataset("fashion-mnist")
+    fashion = train_set.subset(torch.arange(min(args.samples, len(train_set))))
+    rows.append(measure("small-cnn, Fashion-MNIST 28x28x1", "small-cnn", fashion, info, device, args.repeats, args.batch_size, args.workers))
+    cifar_like = DATASETS.get("synthetic").info.__class__("cifar-like", 10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3, True)
+    images, _ = make_synthetic(min(args.samples, 2048) if device.type == "cpu" else args.samples, 0, 10, 3, 32)
+    rows.append(measure("preact-resnet18, synthetic 32x32x3", "preact-resnet18", images, cifar_like, device, args.repeats,
+                        args.batch_size, args.workers))
+    if args.out:
+        stamp = datetime.date.today().isoformat()
+        lines = [f"\n### Throughput, {stamp}, {describe(device)}, {platform.processor() or platform.machine()}, "
+                 f"{os.cpu_count()} CPUs, workers={args.workers}, batch {args.batch_size}, median of {args.repeats}\n",
+                 "| configuration | images/epoch | engine img/s | toolbox img/s | ratio |", "|---|---|---|---|---|"]
+        lines += [f"| {r['config']} | {r['samples']} | {r['engine']:.0f} | {r['toolbox']:.0f} | {r['ratio']:.2f}x |" for r in rows]
+        with open(args.out, "a") as handle:
+            handle.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""The report is rendered from the store alone: known numbers in, exactly those numbers out.
+
+``fabricated_store`` writes stages and cells with chosen metrics through the store's own
+methods (real stage specs from the grid; defenses that may not be registered get a
+``CellSpec`` with a fixed id), plus fake artifact histories. One test adds a real smoke
+cell to check the figures that need a model (t-SNE) and real training curves.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import statistics
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bench.cell import CellSpec, StageSpec
+from bench.grid import GridRequest, expand
+from bench.metrics import defense_effectiveness_rating
+from bench.report import write_index, write_report
+from bench.store import ResultStore
+
+ENV = {"bench": "0.1.0", "torch": "test", "torchvision": "test", "python": "3", "device": "cpu (test)", "host": "test"}
+NONE_DEFAULT = {"max_reset_fraction": 0.03, "rounds": 1}
+NONE_SWEEP = {"max_reset_fraction": 0.1, "rounds": 1}
+
+
+@dataclass(frozen=True)
+class FixedCell(CellSpec):
+    """A real CellSpec whose id does not need the defense to be registered."""
+
+    fixed_id: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.fixed_id
+
+
+def stage_of(dataset: str, attack: str, seed: int) -> StageSpec:
+    cells = expand(GridRequest(dataset, "smoke", attacks=[attack], defenses=["undefended"], seeds=[seed]))
+    return cells[0].stage
+
+
+# (dataset, attack, seed) -> undefended c_acc, asr, ra, stage seconds
+STAGES = {
+    ("synthetic", "badnets", 0): (98.5, 99.1, 0.8, 30.0),
+    ("synthetic", "badnets", 1): (98.1, 98.7, 1.0, 32.0),
+    ("synthetic", "benign", 0): (99.0, None, None, 20.0),
+    ("fashion-mnist", "badnets", 0): (91.0, 97.0, 2.0, 50.0),
+}
+# (dataset, attack, seed, defense, config, status, c_acc, asr, ra, detection (precision, recall, fpr, flagged))
+CELLS = [
+    ("synthetic", "badnets", 0, "none", NONE_DEFAULT, "done", 97.0, 1.5, 90.0, (95.0, 88.0, 0.5, 350)),
+    ("synthetic", "badnets", 1, "none", NONE_DEFAULT, "done", 96.0, 2.5, 88.0, (93.0, 91.0, 0.7, 372)),
+    ("synthetic", "benign", 0, "none", NONE_DEFAULT, "done", 98.0, None, None, (0.0, 0.0, 1.0, 36)),
+    ("synthetic", "badnets", 0, "none", NONE_SWEEP, "done", 95.0, 0.5, 93.0, (90.0, 97.0, 1.1, 410)),
+    ("synthetic", "badnets", 1, "none", NONE_SWEEP, "failed", None, None, None, None),
+    ("synthetic", "badnets", 0, "fine-pruning", {"prune_ratio": 0.2}, "failed", None, None, None, None),
+    ("synthetic", "badnets", 1, "fine-pruning", {"prune_ratio": 0.2}, "failed", None, None, None, None),
+    ("fashion-mnist", "badnets", 0, "none", NONE_DEFAULT, "done", 89.0, 3.0, 80.0, (80.0, 70.0, 2.0, 300)),
+]
+ERROR = "NonFiniteLoss: fine-tune: loss became nan in epoch 1 (lr 0.01); lower the learning rate"
+
+
+def der(dataset, attack, seed, c_acc, asr):
+    u_acc, u_asr = STAGES[(dataset, attack, seed)][:2]
+    return None if asr is None else defense_effectiveness_rating(u_asr, asr, u_acc, c_acc)
+
+
+def history(epochs: int, acc: float, asr: float | None) -> list[dict]:
+    return [{"epoch": e, "loss": 1.0 / e, "lr": 0.01, "seconds": 0.1, "test_c_acc": acc - (epochs - e),
+             "test_asr": None if asr is None else asr * e / epochs, "test_ra": None} for e in range(1, epochs + 1)]
+
+
+def write_history(directory: Path, records: list[dict]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "history.json").write_text(json.dumps(records))
+
+
+@pytest.fixture(scope="module")
+def fabricated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    store = ResultStore(root / "bench.sqlite")
+    stages = {}
+    # a result from before a plugin version change: same settings, older, another id; superseded
+    old = FixedCell(stage_of("synthetic", "badnets", 0), "undefended", {}, fixed_id="c-old")
+    store.cell_running(old)
+    store.cell_done(old.id, {"metrics": {"c_acc": 50.0, "asr": 50.0, "ra": 50.0, "der": 0.5}, "timings": {}})
+    for (dataset, attack, seed), (acc, asr, ra, seconds) in STAGES.items():
+        stage = stage_of(dataset, attack, seed)
+        stages[(dataset, attack, seed)] = stage
+        store.stage_running(stage)
+        store.stage_done(stage.id, {"metrics": {"c_acc": acc, "asr": asr, "ra": ra, "poison_rate": 0.0 if asr is None else 10.0,
+                                                "poisoned": 0 if asr is None else 380},
+                                    "timings": {"total_s": seconds}, "environment": ENV})
+        write_history(root / stage.id, history(4, acc, asr))
+        undefended = CellSpec(stage, "undefended", {})
+        store.cell_running(undefended)
+        store.cell_done(undefended.id, {"metrics": {"c_acc": acc, "asr": asr, "ra": ra, "der": None if asr is None else 0.5},
+                                        "timings": {"attack_s": seconds, "defense_s": 0.0, "eval_s": 0.1}, "environment": ENV})
+    for number, (dataset, attack, seed, defense, config, status, acc, asr, ra, detection) in enumerate(CELLS):
+        cell = FixedCell(stages[(dataset, attack, seed)], defense, dict(config), fixed_id=f"c-fab{number:02d}")
+        store.cell_running(cell)
+        if status == "failed":
+            store.cell_failed(cell.id, ERROR + "\nTraceback (most recent call last): ...")
+            continue
+        metrics = {"c_acc": acc, "asr": asr, "ra": ra, "der": der(dataset, attack, seed, acc, asr)}
+        metrics.update(zip(("det_precision", "det_recall", "det_fpr", "det_flagged"), detection))
+        store.cell_done(cell.id, {"metrics": metrics, "timings": {"attack_s": 30.0, "defense_s": 4.0 + number, "eval_s": 0.2},
+                                  "environment": ENV, "details": {"rounds": 1}})
+        write_history(root / cell.id, history(3, acc, asr))
+        if defense == "none" and attack == "badnets" and seed == 0 and config == NONE_DEFAULT:
+            Image.new("RGB", (40, 30), (200, 30, 30)).save(root / cell.id / "channel_scores.png")
+    # a cell still running (e.g. an interrupted grid) must show up too
+    running = FixedCell(stages[("synthetic", "benign", 0)], "fine-pruning", {"prune_ratio": 0.2}, fixed_id="c-fabrun")
+    store.cell_running(running)
+    out = tmp_path_factory.mktemp("reports")
+    report = write_report(store, "synthetic", out)
+    write_report(store, "fashion-mnist", out, tsne_figure=False)
+    index = write_index(store, out)
+    return store, report, index
+
+
+def stat(values: list[float], digits: int = 2) -> str:
+    mean = f"{statistics.mean(values):.{digits}f}"
+    return mean if len(values) < 2 else f"{mean} ± {statistics.stdev(values):.{digits}f}"
+
+
+def table_rows(markdown: str, heading: str) -> dict[str, list[str]]:
+    """The first markdown table after ``heading``: first column -> the other columns."""
+    section = markdown.split(heading, 1)[1]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith("| :") and not line.startswith("| ---"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+            rows.setdefault(cells[0], cells[1:])
+        elif rows and not line.startswith("|"):
+            break
+    return rows
+
+
+def test_results_table_holds_exactly_the_stored_numbers(fabricated):
+    _, report, _ = fabricated
+    readme = (report / "README.md").read_text()
+    rows = table_rows(readme, "## Results")
+    assert rows["defense \\ attack"] == ["badnets", "benign"]
+    # undefended x badnets: two seeds -> mean ± sample std of the known numbers
+    expected = (f"{stat([98.5, 98.1])} / {stat([99.1, 98.7])} / {stat([0.8, 1.0])} · {stat([0.5, 0.5], 4)}")
+    assert rows["undefended"][0] == expected
+    none = "none (max_reset_fraction=0.03)"
+    ders = [der("synthetic", "badnets", s, a, r) for s, a, r in ((0, 97.0, 1.5), (1, 96.0, 2.5))]
+    assert rows[none][0] == f"{stat([97.0, 96.0])} / {stat([1.5, 2.5])} / {stat([90.0, 88.0])} · {stat(ders, 4)}"
+    assert rows[none][1] == "98.00 / — / — · —"  # benign: no trigger, so only C-ACC
+    # the sweep variant: one seed done, one failed -> the done seed's numbers, marked partial
+    sweep = rows["none (max_reset_fraction=0.1)"][0]
+    assert sweep.startswith(f"95.00 / 0.50 / 93.00 · {der('synthetic', 'badnets', 0, 95.0, 0.5):.4f}")
+    assert "1/2 seeds; 1 failed" in sweep
+    assert rows["fine-pruning"] == ["**failed**", "running"]
+    assert rows["none (max_reset_fraction=0.1)"][1] == "—"  # never run
+    # detection, cost and failures
+    detection = table_rows(readme, "## Detection")
+    assert detection[none][:6] == ["badnets", stat([95.0, 93.0]), stat([88.0, 91.0]), stat([0.5, 0.7]), stat([350, 372], 0),
+                                   stat([380, 380], 0)]
+    cost = table_rows(readme, "## Cost")
+    assert cost["badnets"][0] == "31.0" and cost["benign"][0] == "20.0"
+    failures = readme.split("## Failed and unfinished cells", 1)[1]
+    assert failures.count(ERROR.replace("|", "\\|")) == 3 and "c-fabrun" in failures
+    assert "1 older cell(s) of the same settings" in readme and "50.00" not in readme
+    assert "NONE's ASR reduction vs undefended" in readme and f"{98.9 / 2.0:.2f}×" in readme
+
+
+def test_csv_round_trips_and_json_has_every_cell(fabricated):
+    store, report, _ = fabricated
+    with open(report / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    cells = store.cells(dataset="synthetic")
+    by_cell: dict[str, dict[str, str]] = {}
+    for row in rows:
+        assert row["dataset"] == "synthetic"
+        by_cell.setdefault(row["cell_id"], {})[row["metric"]] = row["value"]
+        assert row["status"] == next(c["status"] for c in cells if c["id"] == row["cell_id"])
+    cells = [c for c in cells if c["id"] != "c-old"]  # superseded by its re-run
+    assert set(by_cell) == {c["id"] for c in cells}  # failed and running cells included
+    for cell in cells:
+        stored = {**(cell["metrics"] or {}), **(cell["timings"] or {})}
+        parsed = {k: (None if v == "" else json.loads(v)) for k, v in by_cell[cell["id"]].items()}
+        for metric in ("c_acc", "asr", "ra", "der"):
+            assert parsed[metric] == stored.get(metric)
+        assert {k: v for k, v in parsed.items() if v is not None} == {k: v for k, v in stored.items() if v is not None}
+    payload = json.loads((report / "results.json").read_text())
+    assert {c["id"]: c["status"] for c in payload["cells"]} == {c["id"]: c["status"] for c in cells}
+    assert {c["id"]: c["metrics"] for c in payload["cells"]} == {c["id"]: c["metrics"] for c in cells}
+    assert [c["id"] for c in payload["superseded"]] == ["c-old"]
+
+
+def test_every_figure_is_a_valid_image_and_referenced(fabricated):
+    _, report, index = fabricated
+    readme = (report / "README.md").read_text()
+    pngs = sorted((report / "figures").rglob("*.png"))
+    names = {p.relative_to(report).as_posix() for p in pngs}
+    for expected in ("figures/heatmap_asr.png", "figures/heatmap_c_acc.png", "figures/heatmap_der.png",
+                     "figures/acc_vs_asr.png", "figures/bars.png", "figures/curves.png",
+                     "figures/sweep_none_max_reset_fraction.png"):
+        assert expected in names
+    assert any("none/" in n and n.endswith("channel_scores.png") for n in names)  # NONE's own diagnostics, copied
+    referenced = set(re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", readme))
+    assert referenced == names
+    for png in pngs + [index.parent / "summary.png"]:
+        assert png.stat().st_size > 0
+        with Image.open(png) as image:
+            image.verify()
+        with Image.open(png) as image:
+            assert image.size[0] > 30 and image.size[1] > 20
+    drawn = [p for p in pngs if "/none/" not in p.as_posix()]  # NONE's own figures are copied as they are
+    svgs = [p.with_suffix(".svg") for p in drawn] + [index.parent / "summary.svg"]
+    for svg in svgs:
+        assert ET.parse(svg).getroot().tag.endswith("svg")
+    # fabricated cells have no model: t-SNE is skipped with a note, not an error
+    assert "t-SNE: badnets: no model in" in readme
+
+
+def test_index_summarises_across_datasets(fabricated):
+    _, _, index = fabricated
+    text = index.read_text()
+    rows = table_rows(text, "## Cross-dataset summary")
+    header = rows.pop("defense")
+    assert header == ["fashion-mnist", "synthetic", "mean over datasets"]
+    summary = {defense: dict(zip(header, values)) for defense, values in rows.items()}
+    # defense default variant: mean ASR over triggered attacks, mean C-ACC over all attacks (done cells)
+    assert summary["none"]["synthetic"] == f"{statistics.mean([1.5, 2.5]):.2f} / {statistics.mean([97.0, 96.0, 98.0]):.2f}"
+    assert summary["none"]["fashion-mnist"] == "3.00 / 89.00"
+    assert summary["none"]["mean over datasets"] == f"{statistics.mean([2.0, 3.0]):.2f} / {statistics.mean([97.0, 89.0]):.2f}"
+    assert summary["undefended"]["synthetic"] == (f"{statistics.mean([99.1, 98.7]):.2f} / "
+                                                  f"{statistics.mean([98.5, 98.1, 99.0]):.2f}")
+    assert summary["fine-pruning"]["synthetic"].startswith("no finished cell (0/3)")
+    assert summary["fine-pruning"]["fashion-mnist"] == "—"
+    factors = table_rows(text, "## NONE's ASR reduction factor")
+    assert factors["synthetic"] == ["98.90", "2.00", f"{98.9 / 2.0:.2f}×", "2"]
+    assert factors["fashion-mnist"] == ["97.00", "3.00", f"{97.0 / 3.0:.2f}×", "1"]
+    pooled_u, pooled_d = statistics.mean([99.1, 98.7, 97.0]), statistics.mean([1.5, 2.5, 3.0])
+    assert factors["**all datasets**"][2] == f"{pooled_u / pooled_d:.2f}×"
+    assert "[synthetic/README.md](synthetic/README.md)" in text
+
+
+def test_real_smoke_cell_gives_tsne_and_curves(smoke_cell, workspace, tmp_path):
+    """A real badnets x undefended smoke cell put in a store: the t-SNE of the rebuilt model and its
+    test curves render; the ASR printed in the table is the cell's measured one."""
+    result = smoke_cell("badnets", "undefended")
+    spec = CellSpec.from_json(result["spec"])
+    store = ResultStore(workspace.root / f"report-{tmp_path.name}.sqlite")
+    stage_result = json.loads((workspace.root / spec.stage.id / "result.json").read_text())
+    store.stage_running(spec.stage)
+    store.stage_done(spec.stage.id, stage_result)
+    store.cell_running(spec)
+    store.cell_done(spec.id, result)
+    report = write_report(store, "synthetic", tmp_path, tsne_samples=150)
+    readme = (report / "README.md").read_text()
+    assert (report / "figures" / "tsne.png").is_file() and "figures/tsne.png" in readme
+    with Image.open(report / "figures" / "tsne.png") as image:
+        image.verify()
+    assert "no finished NONE cell" in readme
+    row = table_rows(readme, "## Results")["undefended"][0]
+    assert row.startswith(f"{result['metrics']['c_acc']:.2f} / {result['metrics']['asr']:.2f} / ")
+    assert (report / "figures" / "curves.png").is_file()
