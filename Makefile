@@ -17,7 +17,7 @@ RUN_ARGS = --dataset $(DATASET) --profile $(PROFILE) --seeds $(SEEDS) --store $(
 	$(if $(ATTACKS),--attacks $(ATTACKS)) $(if $(DEFENSES),--defenses $(DEFENSES)) $(if $(MODEL),--model $(MODEL)) \
 	$(foreach o,$(OVERRIDES),-o $(o))
 
-.PHONY: help setup venv test test-all bench report list perf clean
+.PHONY: help setup venv test test-all bench report list readme perf clean
 
 help:
 	@echo "make bench [DATASET=fashion-mnist] [PROFILE=quick] [ATTACKS=a,b] [DEFENSES=c,d] [MODEL=m] [SEEDS=0,1] [OVERRIDES='defense.none.finetune_lr=1e-2']"
@@ -64,6 +64,9 @@ report: venv
 
 list: venv
 	$(PY) -m bench list
+
+readme: venv
+	$(PY) -m bench.readme
 
 clean:
 	rm -rf $(VENV) .pytest_cache

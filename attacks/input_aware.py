@@ -22,14 +22,15 @@ class InputAwareConfig(AttackConfig):
     lambda_norm: float = 100.0     # weight of that mask-size penalty
     mask_epochs: int = 25          # epochs that fit the mask generator before the joint training
     mask_lr: float = 0.01          # Adam step size of the mask-generator fit
+    generator_lr: float = 0.01     # Adam step size of the pattern generator in the joint training
     width: int = 32                # channels of the generators' first stage (doubled per down-sampling)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.cross_rate <= 1.0 or self.poison_rate + self.cross_rate > 1.0:
             raise ValueError("cross_rate must be in [0, 1] and poison_rate + cross_rate <= 1")
-        if self.mask_epochs < 0 or self.width < 1:
-            raise ValueError("mask_epochs must be >= 0 and width >= 1")
+        if self.mask_epochs < 0 or self.width < 1 or self.generator_lr <= 0 or self.mask_lr <= 0:
+            raise ValueError("mask_epochs must be >= 0, width >= 1 and the learning rates positive")
 
 
 def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
@@ -89,8 +90,9 @@ class InputAware(Attack):
     1. The mask generator m is fitted alone for ``mask_epochs`` with the diversity loss on
        (thresholded) masks plus ``lambda_norm`` * mean(relu(m(x) - mask_density)), which keeps
        masks small.
-    2. The classifier and the pattern generator g are trained jointly (one optimiser, the
-       stage's recipe; m frozen and thresholded). In each batch the backdoor samples get
+    2. The classifier and the pattern generator g are trained jointly, in one loop (the
+       classifier with the stage's recipe, g with Adam as in the paper; m frozen and
+       thresholded). In each batch the backdoor samples get
        their own trigger and the target label, the cross samples get the trigger generated
        from another image of the batch and keep their true label (so a trigger only works
        on the image it was made for), and the loss is cross-entropy plus ``lambda_div`` x
@@ -218,10 +220,11 @@ class InputAware(Attack):
 
         # The data's transform would stamp triggers without gradients; here they are made in the loss.
         data = ImageSet(delivered.x, delivered.y, schedule=delivered.schedule)
-        parameters = list(model.parameters()) + list(self.pattern_generator.parameters())
+        # The classifier follows the stage's recipe; the generator its paper's Adam (betas 0.5, 0.9).
+        generator_optimizer = torch.optim.Adam(self.pattern_generator.parameters(), lr=cfg.generator_lr, betas=(0.5, 0.9))
         history = engine.train(model, data, ctx.train_config, ctx.info, seed=ctx.seed, loss_fn=joint_loss,
-                               parameters=parameters, on_epoch_end=self._eval_mode_callback(ctx.on_epoch_end),
-                               desc="attack input-aware")
+                               extra_optimizers=[generator_optimizer],
+                               on_epoch_end=self._eval_mode_callback(ctx.on_epoch_end), desc="attack input-aware")
         self.pattern_generator.eval()
         with torch.no_grad():
             probe = delivered.x[: min(len(delivered), 512)].float() / 255

@@ -61,6 +61,9 @@ class Defense:
     kind: ClassVar[DefenseKind] = "post-training"
     version: ClassVar[str] = "1"  # bump when behaviour changes: it is part of every cell's identity
     registered_name: ClassVar[str] = "?"
+    # Settings the defense itself prescribes for some attack rows, e.g. NONE's natural preset on
+    # ``benign``; profile defaults and the user's overrides win over these.
+    defaults_for_attack: ClassVar[dict[str, dict]] = {}
 
     def __init__(self, config, seed: int) -> None:
         self.config = config

@@ -82,13 +82,17 @@ def train(
     on_epoch_end: EpochCallback | None = None,
     parameters: Iterable | None = None,
     indices: torch.Tensor | None = None,
+    extra_optimizers: Iterable[torch.optim.Optimizer] = (),
     desc: str = "train",
 ) -> list[dict]:
     """Train ``model`` in place on ``data`` (uint8 on the model's device); returns one record per epoch.
 
     ``indices`` restricts training to a subset (e.g. samples a defense kept); the data's
-    own ``schedule`` (slow poisoning) further selects per epoch.
+    own ``schedule`` (slow poisoning) further selects per epoch. ``extra_optimizers`` update
+    auxiliary modules that ``loss_fn`` trains alongside the model with their own rule (e.g.
+    Input-Aware's trigger generator, Adam in its paper); their learning rates are not scheduled.
     """
+    extra_optimizers = list(extra_optimizers)
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)  # sample order, on the host
@@ -132,8 +136,12 @@ def train(
                 with autocast(device, cfg.amp):
                     loss = loss_fn(step_model, x, y, batch_idx)
                 optimizer.zero_grad(set_to_none=True)
+                for extra in extra_optimizers:
+                    extra.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                for extra in extra_optimizers:
+                    extra.step()
                 total_loss += loss.detach() * len(batch_idx)
                 seen += len(batch_idx)
             mean_loss = (total_loss / max(seen, 1)).item()  # the one host sync per epoch

@@ -65,8 +65,10 @@ def stage_specs(request: GridRequest, parsed: ParsedOverrides, attack: str) -> l
     _validate_model(model)
     attack_cls = ATTACKS.get(attack)
     specs = []
+    attack_fields = {f.name for f in dataclasses.fields(attack_cls.Config)}
+    profile_defaults = {k: v for k, v in profile.attack_defaults.items() if k in attack_fields}
     for attack_values in expand_sweeps(parsed.attack.get(attack, {})):
-        attack_config = dataclasses.asdict(build_config(attack_cls.Config, attack_values))
+        attack_config = dataclasses.asdict(build_config(attack_cls.Config, {**profile_defaults, **attack_values}))
         for train_values in expand_sweeps(parsed.train):
             train = dataclasses.asdict(dataclasses.replace(profile.train_for(request.dataset), **train_values))
             for finetune_values in expand_sweeps(parsed.finetune):
@@ -75,6 +77,14 @@ def stage_specs(request: GridRequest, parsed: ParsedOverrides, attack: str) -> l
                     specs.append(StageSpec(request.dataset, model, attack, attack_config, seed, profile.name,
                                            train, finetune, profile.eval_batch_size, profile.curve_samples))
     return specs
+
+
+def defense_defaults(defense_cls, defense: str, attack: str, profile) -> dict:
+    """The defense's own per-attack defaults, then the profile's, then (by the caller) the user's."""
+    fields = {f.name for f in dataclasses.fields(defense_cls.Config)}
+    merged = {**defense_cls.defaults_for_attack.get(attack, {}), **profile.defense_defaults.get(defense, {}),
+              **profile.defense_defaults.get(f"{defense}@{attack}", {})}
+    return {k: v for k, v in merged.items() if k in fields}
 
 
 def expand(request: GridRequest) -> list[CellSpec]:
@@ -95,7 +105,8 @@ def expand(request: GridRequest) -> list[CellSpec]:
         for stage in stage_specs(request, parsed, attack):
             for defense in defenses:
                 defense_cls = DEFENSES.get(defense)
+                base = defense_defaults(defense_cls, defense, attack, PROFILES.get(request.profile))
                 for values in expand_sweeps(parsed.defense.get(defense, {})):
-                    config = dataclasses.asdict(build_config(defense_cls.Config, values))
+                    config = dataclasses.asdict(build_config(defense_cls.Config, {**base, **values}))
                     cells.append(CellSpec(stage, defense, config))
     return cells

@@ -105,14 +105,10 @@ def stamp(x: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor) -> torch
     return stamped.flatten(0, 1)
 
 
-def split_images(images: ImageSet, num_classes: int, config: ScanConfig, generator: torch.Generator
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per class, a seeded choice of optimisation images and disjoint held-out images.
-
-    Images are taken as stored (uint8 -> [0, 1]); the set is expected to be clean (test or
-    reserve), so any per-batch transform is ignored on purpose.
-    """
-    labels = images.y.cpu()
+def split_images(labels: torch.Tensor, num_classes: int, config: ScanConfig, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class, a seeded choice of optimisation indices and disjoint held-out indices (CPU)."""
+    labels = labels.cpu()
     opt, held = [], []
     for label in range(num_classes):
         members = torch.nonzero(labels == label).flatten()
@@ -123,11 +119,10 @@ def split_images(images: ImageSet, num_classes: int, config: ScanConfig, generat
             rest = rest[:config.eval_images_per_class]
         opt.append(members[:n_opt])
         held.append(rest)
-    opt_idx, held_idx = torch.cat(opt).to(images.x.device), torch.cat(held).to(images.x.device)
+    opt_idx, held_idx = torch.cat(opt), torch.cat(held)
     if len(opt_idx) == 0 or len(held_idx) == 0:
-        raise BenchError(f"scan needs at least two images of some class, got {len(images)} images")
-    to_float = lambda idx: images.x[idx].float().div_(255)  # noqa: E731
-    return to_float(opt_idx), images.y[opt_idx], to_float(held_idx), images.y[held_idx]
+        raise BenchError(f"scan needs at least two images of some class, got {len(labels)} images")
+    return opt_idx, held_idx
 
 
 class _FrozenEval:
@@ -281,6 +276,10 @@ def _invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, labels: torch.Te
         k = bound_px.floor().clamp_min(1).long()
         ranked = torch.sigmoid(mask_logit).flatten(1).argsort(dim=1, descending=True).argsort(dim=1)
         support = (ranked < k.view(-1, 1)).float().view(t, 1, h, w)
+        # The kept pixels start fully opaque: the strongest stamp the bound allows, which the
+        # refinement may then soften; a short search often leaves them far from opaque.
+        mask_logit.copy_(torch.where(support.bool(), torch.full_like(mask_logit, 3.0), mask_logit))
+    optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=config.lr)
     for _ in range(config.refine_steps):
         step(False)
     with torch.no_grad():
@@ -314,8 +313,11 @@ def scan(model: nn.Module, images: ImageSet, info: DatasetInfo, config: ScanConf
     started = time.perf_counter()
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(config.seed)
-    images = images.to(device)
-    x_opt, y_opt, x_eval, y_eval = split_images(images, info.num_classes, config, generator)
+    opt_idx, held_idx = split_images(images.y, info.num_classes, config, generator)
+    # Images are taken as stored: the set is expected to be clean (test or reserve), so a
+    # per-batch poisoning transform is deliberately not applied.
+    x_opt, y_opt = images.x[opt_idx.to(images.x.device)].to(device).float().div_(255), images.y[opt_idx.to(images.y.device)].to(device)
+    x_eval, y_eval = images.x[held_idx.to(images.x.device)].to(device).float().div_(255), images.y[held_idx.to(images.y.device)].to(device)
     area = info.shape[1] * info.shape[2]
     with _FrozenEval(model):
         stimulation: dict = {}

@@ -252,6 +252,14 @@ def test_trojan_fixed_pattern_fallback_is_recorded(synthetic):
 # Overrides where 12 smoke epochs on 16-px images are too few for an attack at its defaults
 # (each is a setting the attack's paper itself varies; see the report).
 SMOKE_OVERRIDES: dict[str, list[str]] = {
+    # The paper's s=0.5 reaches ~82% in 12 epochs here (its own runs train far longer); its
+    # ablation varies s, and 0.75 is still a sub-pixel warp.
+    "wanet": ["attack.wanet.s=0.75"],
+    # Clean-label on textures a small CNN separates perfectly: the model learns the signal
+    # (ASR 0% -> 96% as the test amplitude grows, while the clean model stays at 0%), but needs
+    # a stronger test-time signal, as in the paper's own experiments with a larger test delta.
+    "sig": ["attack.sig.test_delta=0.5"],
+    # Narrow generators and a short mask fit keep the joint training within the test budget.
     "input-aware": ["attack.input-aware.width=8", "attack.input-aware.mask_epochs=2"],
 }
 
@@ -281,6 +289,19 @@ def test_attack_succeeds_on_synthetic_smoke(name, smoke_cell, workspace):
     assert stage_result["metrics"]["poison_rate"] == pytest.approx(10.0, abs=0.05)
     if name != "input-aware":
         assert result["undefended"]["asr"] == asr
+
+
+def test_sig_success_comes_from_the_learned_backdoor(smoke_cell, workspace):
+    """The amplified test signal alone does not send a clean model's predictions to the target."""
+    from bench.grid import GridRequest, expand
+
+    smoke_cell("benign", "undefended")
+    stage = expand(GridRequest("synthetic", "smoke", attacks=["benign"], defenses=["undefended"]))[0].stage
+    clean_model = workspace.load_stage(stage)[0]
+    _, _, _, test = workspace.split(stage)
+    sig = make("sig", workspace.dataset("synthetic")[0], test_delta=0.5)
+    triggered, _, targets = sig.triggered_test_set(test)
+    assert metrics.attack_success_rate(engine.predict(clean_model, triggered), targets) <= 10.0
 
 
 def test_trojan_pattern_is_optimised_against_the_clean_model(smoke_cell, workspace):

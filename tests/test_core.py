@@ -153,3 +153,12 @@ def test_badnets_undefended_cell_learns_the_backdoor(smoke_cell):
     assert metrics["c_acc"] >= 80.0, metrics  # 10 classes: chance is 10%
     assert metrics["der"] == 0.5  # the reference row changes nothing
     assert metrics["asr"] == result["undefended"]["asr"]
+
+
+def test_readme_plugin_lists_are_generated_from_the_registries():
+    from bench.readme import render
+
+    readme = (__import__("pathlib").Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert render(readme) == readme, "README's plugin lists are stale: run `make readme`"
+    for name in DATASETS.names() + MODELS.names() + ATTACKS.names() + DEFENSES.names():
+        assert f"`{name}`" in readme

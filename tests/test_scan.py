@@ -60,10 +60,12 @@ def test_linear_model_known_trigger():
     # The reported triggers respect their bounds, and the one found sits on the patch.
     for bound in config.bounds:
         assert result.mask_l1[bound] * SIDE * SIDE <= bound * SIDE * SIDE + 1e-4
+    # 0.02 allows floor(5.12) = 5 pixels: the 4 of the patch plus one that is free to be anything.
     mask = result.masks[1, 0]
-    assert mask[:PATCH, :PATCH].sum() >= 0.9 * mask.sum() and mask[:PATCH, :PATCH].min() > 0.5
+    assert mask[:PATCH, :PATCH].min() > 0.5
+    assert (mask > 0).sum() <= 5
     assert result.patterns[1, 0, :PATCH, :PATCH].min() > 0.8  # white
-    assert result.eval_images == 150 and result.opt_images == 50  # 5 + 15 per class, disjoint
+    assert result.opt_images == 50 and result.eval_images == 200  # 5 + 20 per class
     # Seeded: the same scan gives the same triggers.
     again = scan(model, images, info, config)
     assert torch.equal(again.masks, result.masks) and again.reasr == result.reasr
@@ -79,20 +81,23 @@ def stage_model(workspace, smoke_cell, attack: str):
 
 def test_scanner_finds_planted_badnets_trigger(workspace, smoke_cell):
     # BadNets on 16x16: a 2x2 white square = 4 px = 1.6% of the area, so the 2% bound (5 px) fits it.
-    config = ScanConfig(bounds=(0.02,), images_per_class=5, eval_images_per_class=30, steps=40, refine_steps=20)
+    # A reduced budget for speed (defaults: 300 + 100 steps at lr 0.1, 10 images per class).
+    config = ScanConfig(bounds=(0.02,), images_per_class=5, eval_images_per_class=30, steps=60, refine_steps=30,
+                        lr=0.2)
     badnets_model, info, test = stage_model(workspace, smoke_cell, "badnets")
     badnets = scan(badnets_model, test, info, config)
     benign_model, _, benign_test = stage_model(workspace, smoke_cell, "benign")
     benign = scan(benign_model, benign_test, info, config)
-    # Measured (seed 0): badnets REASR 100.0% at 2% with label 0 (the target);
-    # benign REASR 3.6% at 2% (scan with 100+50 steps gave the same picture: 100 vs 3.6).
+    # Measured (seed 0): badnets REASR 97.4% at 2% with label 0 (the target; the true trigger's
+    # test ASR is ~99%); benign REASR 0.0% at 2%. Seeds 1, 2 of the scan: 97.4%, -.
     assert badnets.best_label[0.02] == 0
     assert badnets.reasr[0.02] >= 90
     assert benign.reasr[0.02] <= badnets.reasr[0.02] - 30
     assert badnets.mask_l1[0.02] <= 0.02 + 1e-6 and benign.mask_l1[0.02] <= 0.02 + 1e-6
-    # The reversed mask sits on the real trigger (bottom-right 2x2 corner).
+    # The reversed mask sits where the model saw the trigger: the bottom-right 2x2 square,
+    # moved by up to 2 px by the random-crop augmentation, i.e. the bottom-right 4x4 corner.
     mask = badnets.masks[0, 0]
-    assert mask[-2:, -2:].sum() >= 0.6 * mask.sum()
+    assert mask[-4:, -4:].sum() >= 0.6 * mask.sum()
 
 
 def test_stimulation_picks_the_backdoor_label(workspace, smoke_cell):
@@ -101,10 +106,25 @@ def test_stimulation_picks_the_backdoor_label(workspace, smoke_cell):
 
     model, info, test = stage_model(workspace, smoke_cell, "badnets")
     config = ScanConfig(images_per_class=5, candidates="stimulation", max_candidates=3)
-    x, y, _, _ = split_images(test, info.num_classes, config, torch.Generator().manual_seed(0))
+    opt_idx, _ = split_images(test.y, info.num_classes, config, torch.Generator().manual_seed(0))
+    x, y = test.x[opt_idx].float() / 255, test.y[opt_idx]
     labels, details = stimulation_candidates(model.eval(), x, y, info.num_classes, config)
     assert len(labels) == 3 and 0 in labels
     assert details["layer"] and details["top_neurons"]
+
+
+def test_split_is_disjoint_stratified_and_seeded():
+    from bench.scan import split_images
+
+    labels = torch.arange(100) % 10
+    labels[:7] = 0  # class 0 has 16 images, classes 1..6 have 9, 7..9 have 10
+    config = ScanConfig(images_per_class=5, eval_images_per_class=3)
+    opt, held = split_images(labels, 10, config, torch.Generator().manual_seed(0))
+    assert set(opt.tolist()).isdisjoint(held.tolist())
+    assert torch.bincount(labels[opt], minlength=10).tolist() == [5, 4, 4, 4, 4, 4, 4, 5, 5, 5]  # at most half a class
+    assert torch.bincount(labels[held], minlength=10).tolist() == [3] * 10
+    again = split_images(labels, 10, config, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], opt) and torch.equal(again[1], held)
 
 
 def test_config_validation():

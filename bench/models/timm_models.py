@@ -18,4 +18,6 @@ def build_timm(name: str, info: DatasetInfo) -> ImageClassifier:
         body = timm.create_model(name, img_size=info.side, **kwargs)
     except TypeError:  # convolutional nets take any size and have no img_size argument
         body = timm.create_model(name, **kwargs)
-    return ImageClassifier(body, body.num_features, info)
+    # With num_classes=0 timm returns pre-logits, which some heads widen (MobileNetV3's conv_head).
+    features = getattr(body, "head_hidden_size", None) or body.num_features
+    return ImageClassifier(body, features, info)

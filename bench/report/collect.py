@@ -135,9 +135,21 @@ def _sort_key(name: str, config: dict, varying: list[str], reference: bool) -> s
     return "\x00".join(parts)
 
 
+def _recipe(stored: dict | None) -> dict | None:
+    """A stored training recipe completed with today's defaults for fields added since it was
+    stored (new fields default to the old behaviour), so that it still matches the same setup."""
+    import dataclasses
+
+    from bench.engine import TrainConfig
+
+    if stored is None:
+        return None
+    return {**dataclasses.asdict(TrainConfig()), **stored}
+
+
 def _setup_fields(config: dict) -> dict:
-    return {"model": config.get("model"), "profile": config.get("profile"), "train": config.get("train"),
-            "finetune": config.get("finetune")}
+    return {"model": config.get("model"), "profile": config.get("profile"), "train": _recipe(config.get("train")),
+            "finetune": _recipe(config.get("finetune"))}
 
 
 def load(store: ResultStore, dataset: str) -> ReportData:
@@ -175,11 +187,13 @@ def load(store: ResultStore, dataset: str) -> ReportData:
     setups: list[Setup] = []
     if not frame.empty:
         frame, superseded = _latest(frame)
+        display_order = ["attack_sort", "defense_sort", "seed", "id"]
         for key, group in frame.groupby("setup_key", sort=False):
-            setups.append(Setup(key=key, label="", cells=_label(group.copy()), description=group.iloc[0]["setup_fields"]))
+            cells = _label(group.copy()).sort_values(display_order, kind="stable")
+            setups.append(Setup(key=key, label="", cells=cells, description=group.iloc[0]["setup_fields"]))
         setups.sort(key=lambda s: (-(s.cells["status"] == "done").sum(), -s.cells["finished"].fillna(0).max()))
         _name_setups(setups)
-        frame = pd.concat([s.cells for s in setups]).sort_values(["attack_sort", "defense_sort", "seed", "id"], kind="stable")
+        frame = pd.concat([s.cells for s in setups])
     return ReportData(dataset=dataset, cells=frame, stages=stages, setups=setups, artifacts_root=store.artifacts_root,
                       superseded=superseded)
 

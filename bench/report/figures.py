@@ -62,9 +62,9 @@ def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
 # --- heatmaps --------------------------------------------------------------------------
 
 HEATMAPS = {
-    "asr": ("ASR (%)", "Reds", 0.0, 100.0, None, 1),
-    "c_acc": ("C-ACC (%)", "RdYlGn", None, 100.0, None, 1),
-    "der": ("DER", "RdYlGn", 0.0, 1.0, 0.5, 3),
+    "asr": ("ASR (%)", "Reds", 0.0, 100.0, None, 2),
+    "c_acc": ("C-ACC (%)", "RdYlGn", None, 100.0, None, 2),
+    "der": ("DER", "RdYlGn", 0.0, 1.0, 0.5, 4),
 }
 
 

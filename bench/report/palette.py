@@ -12,7 +12,7 @@ import seaborn as sns
 from bench.report.collect import REFERENCE
 
 REFERENCE_COLOR = "#4d4d4d"
-NONE_COLOR = "#d55e00"
+NONE_COLOR = "#e31a1c"
 FAILED_HATCH = "///"
 FAILED_EDGE = "#b0b0b0"
 

@@ -149,9 +149,11 @@ def _draw(rows, stem: Path, samples: int) -> FigureFile:
             for ax, (label, points, asr) in zip(row_axes, panels):
                 clean = ~triggered
                 ax.scatter(points[clean, 0], points[clean, 1], s=7, c=colours[labels[clean]], alpha=0.65, linewidths=0)
-                ax.scatter(points[triggered, 0], points[triggered, 1], s=14, marker="x", c="black", linewidths=0.7,
-                           alpha=0.8)
-                title = f"{attack} — {label}"
+                # triggered samples in their TRUE class's colour: a backdoored model pulls them away from
+                # that class (into the target's region), a cleaned one puts them back beside it
+                ax.scatter(points[triggered, 0], points[triggered, 1], s=16, marker="x", c=colours[labels[triggered]],
+                           linewidths=0.8, alpha=0.9)
+                title = f"{attack} — {label}" + (f" (target class {target})" if target is not None else "")
                 if asr is not None and not math.isnan(asr):
                     title += f"\nASR on these samples {asr:.1f}%"
                 ax.set_title(title, fontsize=9)
@@ -159,12 +161,13 @@ def _draw(rows, stem: Path, samples: int) -> FigureFile:
                 ax.set_yticks([])
             for ax in row_axes[len(panels):]:
                 ax.set_visible(False)
-        handles = [Line2D([], [], marker="x", linestyle="", color="black", label="triggered")]
-        handles += [Line2D([], [], marker="o", linestyle="", markersize=5, color=colours[k], label=f"clean, class {k}")
+        handles = [Line2D([], [], marker="o", linestyle="", markersize=5, color="#555555", label="clean"),
+                   Line2D([], [], marker="x", linestyle="", color="#555555", label="triggered")]
+        handles += [Line2D([], [], marker="s", linestyle="", markersize=6, color=colours[k], label=f"true class {k}")
                     for k in range(min(num_classes, 10))]
         fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
         fig.tight_layout()
         result = save(fig, stem, "t-SNE of penultimate features",
-                      f"{samples} clean test samples (coloured by class) and {samples} triggered ones (x), first seed; "
+                      f"{samples} clean test samples (dots) and {samples} triggered ones (x), coloured by true class; first seed; "
                       "one embedding per model")
     return result

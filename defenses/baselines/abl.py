@@ -1,7 +1,7 @@
 """Anti-Backdoor Learning (Li, Lyu, Koren, Lyu, Li, Ma, NeurIPS 2021).
 
 A training-time defense: it trains its own model from scratch on the poisoned set.
-Backdoor samples are learned much faster than clean ones, so:
+It rests on backdoor samples being learned much faster than clean ones:
 
 1. Isolation: the first epochs use local gradient ascent (LGA) — the loss is
    sign(L - gamma) * L on each batch's mean cross-entropy L, so once a batch's loss
@@ -17,11 +17,14 @@ Backdoor samples are learned much faster than clean ones, so:
    trigger -> target shortcut.
 
 Cost is kept comparable to the attack stage: isolation + continued training together
-take the attack recipe's epochs (isolation = 20% of them by default, the paper's 20
-of 100); the unlearning epochs pass over 1% of the data each and are extra. The
-isolation epochs run at the recipe's constant lr (the authors hold it constant in this
-phase; a schedule that decays within two epochs would stop LGA from acting), and the
-continued training uses the recipe's own schedule over its epochs.
+take the attack recipe's epochs (isolation = 20% of them by default; the authors' code
+isolates for 10 epochs and then trains 60 more); the unlearning epochs pass over 1% of
+the data each and are extra. The isolation epochs run at the recipe's constant lr (the
+authors hold it constant in this phase; a schedule that decays within two epochs would
+stop LGA from acting), and the continued training uses the recipe's own schedule over
+its epochs. Unlearning runs with BatchNorm in training mode, as the authors' code does:
+batches made only of isolated samples are what gives the ascent a gradient (in eval
+mode their loss is ~0 and lr 5e-4 never moves it).
 """
 from __future__ import annotations
 

@@ -14,14 +14,14 @@ the output channels of its convolutions instead (the filter is masked, the bias 
 The mask and perturbation act through forward hooks: output = (m + delta) * (y - beta) +
 (1 + xi) * beta, where y - beta is the channel's gamma-scaled part.
 
-Departures from the reference code, each because our setting needs it:
-- BatchNorm uses its running statistics while masks are learned (the reference runs the
-  BN layers in training mode on the clean batches): the reserve can be a few hundred
-  images, too few for reliable batch statistics, and the masks should judge the network
-  as it is deployed.
-- The pruning threshold is chosen on the reserve instead of being fixed at 0.2: among the
-  thresholds step, 2*step, ..., threshold_max, the largest whose pruned model keeps reserve
-  accuracy within ``max_acc_drop`` (absolute, as a fraction) of the unpruned model's.
+As in the reference code, the network runs in training mode while the masks learn
+(BatchNorm normalises with the statistics of each clean batch; the running statistics it
+accumulates are restored afterwards, as the reference prunes a freshly loaded copy), and
+the perturbation takes one signed-gradient step of size eps from a uniform random start.
+One departure: the pruning threshold is chosen on the reserve instead of being fixed at
+0.2. Among the thresholds step, 2*step, ..., threshold_max, the largest whose pruned model
+keeps reserve accuracy within ``max_acc_drop`` (absolute, as a fraction) of the unpruned
+model's is used; when none does, nothing is pruned.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class ANPConfig(DefenseConfig):
     threshold_step: float = 0.05   # candidate pruning thresholds: step, 2*step, ... threshold_max
     threshold_max: float = 0.9
     max_acc_drop: float = 0.05     # largest pruning whose reserve accuracy stays within this of the unpruned
-    bn_batch_stats: bool = False
+    bn_batch_stats: bool = True    # BatchNorm uses batch statistics while masks learn (the reference)
     curve_points: int = 20         # at most this many test-curve points (ctx.monitor) over the mask epochs
 
 
@@ -172,13 +172,15 @@ class ANP(Defense):
         recipe = engine.TrainConfig(epochs=epochs, batch_size=cfg.batch_size, optimizer="sgd", lr=cfg.mask_lr,
                                     momentum=0.9, weight_decay=0.0, schedule="constant", augment=cfg.augment,
                                     freeze_bn=not cfg.bn_batch_stats, amp=ctx.finetune_config.amp)
-        buffers = {k: v.clone() for k, v in model.state_dict().items()}
+        buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
         try:
             history = engine.train(model, reserve, recipe, ctx.info, seed=ctx.seed, loss_fn=loss_fn,
                                    on_epoch_end=_thinned(ctx.monitor, epochs, cfg.curve_points),
                                    parameters=masks.masks, desc="anp masks")
         finally:
-            model.load_state_dict(buffers)
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
             masks.remove()
             for p in trainable:
                 p.requires_grad_(True)

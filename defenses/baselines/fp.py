@@ -13,7 +13,7 @@ feature over the reserve is the paper's "average activation" (post-ReLU), and ze
 classifier column c removes the channel for good (a plain weight, so the saved model
 needs no hooks or pruning re-parametrisation). We do not rank at the raw output of the
 last ``nn.Conv2d``: with BatchNorm after it, its mean says nothing about whether the
-channel fires (BN re-centres it). On the smoke badnets model that ranking left ASR at
+channel fires (BN re-centres it). On a smoke badnets model that ranking left ASR at
 99.8% with 32 of 64 channels cut while reserve accuracy had already fallen to 61%; the
 post-activation ranking brought ASR to 49% at the same count with no accuracy loss.
 

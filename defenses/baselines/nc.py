@@ -56,22 +56,25 @@ class NCConfig(DefenseConfig):
     lr: float | None = None
 
 
+def median(values: torch.Tensor) -> torch.Tensor:
+    """The usual median (the mean of the two middle values for an even count; torch.median takes the lower)."""
+    return torch.quantile(values, 0.5)
+
+
 def anomaly_index(norms: torch.Tensor) -> torch.Tensor:
     """|x - median| / (1.4826 * MAD) per entry (the MAD-based outlier score of Neural Cleanse)."""
     norms = norms.double()
-    median = norms.median()
-    deviation = (norms - median).abs()
-    mad = MAD_CONSISTENCY * deviation.median()
-    if mad == 0:
+    deviation = (norms - median(norms)).abs()
+    mad = MAD_CONSISTENCY * median(deviation)
+    if mad == 0:  # more than half the values are equal: any other value is infinitely anomalous
         return torch.where(deviation > 0, torch.inf, 0.0).to(norms.dtype)
     return deviation / mad
 
 
 def flag_outliers(norms: torch.Tensor, threshold: float = 2.0, valid: torch.Tensor | None = None) -> list[int]:
-    """Classes whose trigger norm is an outlier on the small side."""
-    index = anomaly_index(norms)
-    small = norms.double() < norms.double().median()
-    flagged = (index > threshold) & small
+    """Classes whose trigger norm is an outlier on the small side (an unusually easy target)."""
+    norms = norms.double()
+    flagged = (anomaly_index(norms) > threshold) & (norms < median(norms))
     if valid is not None:
         flagged &= valid.to(flagged.device)
     return torch.nonzero(flagged).flatten().tolist()

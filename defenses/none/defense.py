@@ -80,6 +80,8 @@ class NONE(Defense):
     description = ("NONE (Wang et al. 2022), a defense -- not 'no defense' (that is `undefended`): resets "
                    "backdoor hyperplane neurons, drops the samples driving them, fine-tunes with BN frozen")
     kind = "training-time"
+    # Benign rows measure natural backdoors: the paper's natural preset applies there.
+    defaults_for_attack = {"benign": {"preset": "natural"}}
     version = "1"
 
     def run(self, ctx: DefenseContext) -> DefenseResult:
