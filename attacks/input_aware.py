@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -164,6 +165,7 @@ class InputAware(Attack):
         return role.to(device)
 
     def poison(self, train: ImageSet) -> Poisoned:
+        self._clean_train = ImageSet(train.x, train.y)  # the attacker's own training (train_model) starts from it
         indices = self.choose_poison_indices(train.y)
         cross = self.choose_cross_indices(train.y, indices)
         role = self._roles(len(train), indices, cross, train.x.device)
@@ -189,9 +191,7 @@ class InputAware(Attack):
     def train_model(self, model: nn.Module, poisoned: Poisoned, ctx: AttackContext) -> list[dict]:
         cfg = self.config
         self._generators_to(ctx.device)
-        delivered = poisoned.train
-        cross = self.choose_cross_indices(delivered.y, poisoned.poisoned_indices)
-        role = self._roles(len(delivered), poisoned.poisoned_indices.cpu(), cross, ctx.device)
+        clean = self._clean_train
         mask_history: list[dict] = []
         if cfg.mask_epochs > 0:
             def mask_loss(mask_generator: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -201,33 +201,45 @@ class InputAware(Attack):
 
             mask_recipe = replace(ctx.train_config, epochs=cfg.mask_epochs, optimizer="adam", lr=cfg.mask_lr,
                                   weight_decay=0.0, schedule="constant")
-            clean = ImageSet(delivered.x, delivered.y)
             mask_history = engine.train(self.mask_generator, clean, mask_recipe, ctx.info, seed=ctx.seed + 1,
                                         loss_fn=mask_loss, desc="attack input-aware: mask generator")
         self.mask_generator.eval()
         for parameter in self.mask_generator.parameters():
             parameter.requires_grad_(False)
 
+        # As in the paper, each batch draws its backdoor and cross samples afresh, so every
+        # image is seen with its own trigger, with another's, and clean: the classifier must
+        # learn that a trigger works only on the image it was made for.
+        batch_roles: dict[str, torch.Tensor] = {}
+        ramp_epochs = max(1, math.ceil(ctx.train_config.epochs / 2))
+
+        def draw_roles(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int):
+            backdoor_rate = cfg.poison_rate
+            if cfg.schedule == "slow":  # the same ramp as Attack.slow_schedule, on the per-batch share
+                backdoor_rate *= min(1.0, (epoch + 1) / ramp_epochs)
+            draw = torch.rand(len(y), device=y.device)
+            role = torch.where(draw < backdoor_rate, 1, torch.where(draw < backdoor_rate + cfg.cross_rate, 2, 0))
+            batch_roles["role"] = role.view(-1, 1, 1, 1)
+            return x, torch.where(role == 1, self.target_labels(y), y)
+
         def joint_loss(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             self.pattern_generator.train()
             patterns = self.pattern_generator(x)
             with torch.no_grad():
                 masks = threshold(self.mask_generator(x))
-            batch_role = role[idx].view(-1, 1, 1, 1)
+            role = batch_roles["role"]
             own, other = self._own_and_cross(x, patterns, masks)
-            inputs = torch.where(batch_role == 1, own, torch.where(batch_role == 2, other, x))
+            inputs = torch.where(role == 1, own, torch.where(role == 2, other, x))
             return F.cross_entropy(classifier(inputs), y) + cfg.lambda_div * diversity_loss(x, patterns)
 
-        # The data's transform would stamp triggers without gradients; here they are made in the loss.
-        data = ImageSet(delivered.x, delivered.y, schedule=delivered.schedule)
         # The classifier follows the stage's recipe; the generator its paper's Adam (betas 0.5, 0.9).
         generator_optimizer = torch.optim.Adam(self.pattern_generator.parameters(), lr=cfg.generator_lr, betas=(0.5, 0.9))
-        history = engine.train(model, data, ctx.train_config, ctx.info, seed=ctx.seed, loss_fn=joint_loss,
-                               extra_optimizers=[generator_optimizer],
+        history = engine.train(model, clean, ctx.train_config, ctx.info, seed=ctx.seed, loss_fn=joint_loss,
+                               batch_hook=draw_roles, extra_optimizers=[generator_optimizer],
                                on_epoch_end=self._eval_mode_callback(ctx.on_epoch_end), desc="attack input-aware")
         self.pattern_generator.eval()
         with torch.no_grad():
-            probe = delivered.x[: min(len(delivered), 512)].float() / 255
+            probe = clean.x[: min(len(clean), 512)].float() / 255
             self.mask_fraction = round(float(threshold(self.mask_generator(probe)).mean()), 4)
         self.mask_loss = round(mask_history[-1]["loss"], 4) if mask_history else float("nan")
         return history

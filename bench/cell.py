@@ -73,12 +73,16 @@ class CellSpec:
     stage: StageSpec
     defense: str
     defense_config: dict
+    scan: dict | None = None   # bench.scan.ScanConfig fields when this cell measures REASR
 
     @property
     def id(self) -> str:
         defense = DEFENSES.get(self.defense)
-        return "c-" + _hash({"stage": self.stage.id, "defense": self.defense, "defense_config": self.defense_config,
-                             "defense_version": defense.version, "core_version": bench.CELL_VERSION})
+        payload = {"stage": self.stage.id, "defense": self.defense, "defense_config": self.defense_config,
+                   "defense_version": defense.version, "core_version": bench.CELL_VERSION}
+        if self.scan is not None:
+            payload["scan"] = self.scan
+        return "c-" + _hash(payload)
 
     def label(self) -> str:
         return f"{self.stage.label()} x {self.defense}"
@@ -88,7 +92,7 @@ class CellSpec:
 
     @staticmethod
     def from_json(data: dict) -> "CellSpec":
-        return CellSpec(StageSpec(**data["stage"]), data["defense"], data["defense_config"])
+        return CellSpec(StageSpec(**data["stage"]), data["defense"], data["defense_config"], data.get("scan"))
 
 
 def environment(device: torch.device) -> dict[str, str]:
@@ -138,6 +142,9 @@ class Workspace:
             self._triggered.clear()  # one stage at a time is enough and bounds memory
             self._triggered[spec.id] = attack.triggered_test_set(test)
         return self._triggered[spec.id]
+
+    def forget_triggered(self, spec: StageSpec) -> None:
+        self._triggered.pop(spec.id, None)
 
     def stage_dir(self, spec: StageSpec) -> Path:
         return self.root / spec.id
@@ -209,7 +216,10 @@ def curve_monitor(attack: Attack, test: ImageSet, triggered, spec: StageSpec):
         return None
 
     def monitor(epoch: int, model: torch.nn.Module) -> dict:
-        return {f"test_{k}": v for k, v in evaluate(model, attack, test, triggered, spec.eval_batch_size,
+        # A trigger that trains with the model (triggered is None) is re-stamped on the curve subset.
+        current = triggered if triggered is not None else attack.triggered_test_set(
+            ImageSet(test.x[:spec.curve_samples], test.y[:spec.curve_samples]))
+        return {f"test_{k}": v for k, v in evaluate(model, attack, test, current, spec.eval_batch_size,
                                                      limit=spec.curve_samples).items()}
 
     return monitor
@@ -236,8 +246,12 @@ def run_attack_stage(spec: StageSpec, ws: Workspace) -> dict:
     attack.prepare(train, ctx)
     poisoned = attack.poison(train)
     timings["prepare_s"] = round(time.perf_counter() - started, 3)
-    triggered = ws.triggered(spec, attack, test)
-    ctx.on_epoch_end = curve_monitor(attack, test, triggered, spec)
+    if attack.trigger_trained_with_model:
+        triggered = None  # the trigger changes while the model trains: made after training
+        ctx.on_epoch_end = curve_monitor(attack, test, None, spec)
+    else:
+        triggered = ws.triggered(spec, attack, test)
+        ctx.on_epoch_end = curve_monitor(attack, test, triggered, spec)
     torch.manual_seed(spec.seed)
     model = ctx.build_model()
     writer = ArtifactWriter(directory)
@@ -246,6 +260,9 @@ def run_attack_stage(spec: StageSpec, ws: Workspace) -> dict:
         history = attack.train_model(model, poisoned, ctx)
         timings["train_s"] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
+        if triggered is None:
+            ws.forget_triggered(spec)
+            triggered = ws.triggered(spec, attack, test)
         result_metrics = evaluate(model, attack, test, triggered, spec.eval_batch_size)
         timings["eval_s"] = round(time.perf_counter() - t0, 3)
         result_metrics.update(poison_rate=round(100 * poisoned.achieved_rate, 2), poisoned=len(poisoned.poisoned_indices))
@@ -259,7 +276,7 @@ def run_attack_stage(spec: StageSpec, ws: Workspace) -> dict:
         timings["total_s"] = round(time.perf_counter() - started, 3)
         result = {"id": spec.id, "spec": dataclasses.asdict(spec), "metrics": result_metrics, "timings": timings,
                   "peak_memory_mb": peak_memory_mb(ws.device), "environment": environment(ws.device),
-                  "details": {"requested_poison_rate": poisoned.requested_rate}}
+                  "details": {"requested_poison_rate": poisoned.requested_rate, **attack.details()}}
         writer.commit(result)
     except BaseException:
         writer.discard()
@@ -275,6 +292,20 @@ def _benign_model(spec: StageSpec, ws: Workspace) -> torch.nn.Module:
 
 def poisoned_indices(ws: Workspace, spec: StageSpec) -> torch.Tensor:
     return load_file(str(ws.stage_dir(spec) / "poison.safetensors"))["poisoned_indices"]
+
+
+def reverse_engineer(model: torch.nn.Module, test: ImageSet, info: DatasetInfo, scan_config: dict):
+    """REASR of a model: (max over bounds, details per bound, reversed triggers as tensors)."""
+    from bench.scan import ScanConfig, scan
+
+    config = build_config(ScanConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in scan_config.items()})
+    result = scan(model, test, info, config)
+    details = {"reasr": {f"{bound:g}": value for bound, value in result.reasr.items()},
+               "best_label": {f"{bound:g}": label for bound, label in result.best_label.items()},
+               "candidates": list(result.candidates), "seconds": round(result.seconds, 3)}
+    tensors = {"masks": result.masks.contiguous(), "patterns": result.patterns.contiguous(),
+               "bounds": torch.tensor(result.bounds), "per_candidate": result.per_candidate.contiguous()}
+    return result.max_reasr, details, tensors
 
 
 def run_defense_cell(spec: CellSpec, ws: Workspace) -> dict:
@@ -316,6 +347,12 @@ def run_defense_cell(spec: CellSpec, ws: Workspace) -> dict:
             result_metrics["der"] = None
         if outcome.flagged is not None:
             result_metrics.update(metrics.detection_metrics(outcome.flagged, poisoned.poisoned_indices, len(train)))
+        scan_s = None
+        if spec.scan is not None:
+            t0 = time.perf_counter()
+            result_metrics["reasr"], outcome.details["scan"], scan_tensors = reverse_engineer(outcome.model, test, info, spec.scan)
+            save_file(scan_tensors, str(writer.tmp / "scan.safetensors"))
+            scan_s = round(time.perf_counter() - t0, 3)
         if not outcome.unchanged:
             save_model(outcome.model, str(writer.tmp / "model.safetensors"))
         tensors = dict(outcome.tensors)
@@ -327,7 +364,8 @@ def run_defense_cell(spec: CellSpec, ws: Workspace) -> dict:
             json.dump(outcome.history, handle, default=float)
         result = {"id": spec.id, "stage_id": stage.id, "spec": spec.to_json(), "metrics": result_metrics,
                   "undefended": {k: undefended.get(k) for k in ("c_acc", "asr", "ra")},
-                  "timings": {"attack_s": stage_result["timings"].get("total_s"), "defense_s": defense_s, "eval_s": eval_s},
+                  "timings": {"attack_s": stage_result["timings"].get("total_s"), "defense_s": defense_s, "eval_s": eval_s,
+                              **({"scan_s": scan_s} if scan_s is not None else {})},
                   "peak_memory_mb": peak_memory_mb(ws.device), "environment": environment(ws.device),
                   "details": outcome.details}
         writer.commit(result)

@@ -68,9 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ray: GPUs per cell, fractions allowed (default: 1 when the cluster has GPUs, else 0)")
     run.add_argument("--artifacts", type=Path, default=None,
                      help="artifact directory (default: beside the store); on a cluster, a path every node can reach")
+    run.add_argument("--scan", default=None, choices=("benign", "all", "off"),
+                     help="rows whose models get the REASR trigger-inversion scan (default: the profile's, benign)")
     run.add_argument("--retry-failed", action="store_true", help="also re-run cells recorded as failed")
     run.add_argument("--no-report", action="store_true", help="do not write reports/<dataset>/ at the end")
     run.add_argument("--reports", type=Path, default=Path("reports"), help="report directory (default: reports)")
+    run.add_argument("--no-tsne", action="store_true", help="skip the report's t-SNE figure (it rebuilds models)")
 
     lister = commands.add_parser("list", help="list datasets, models, attacks, defenses and profiles")
     lister.add_argument("--verbose", "-v", action="store_true", help="also show each plugin's configurable fields")
@@ -85,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--store", type=Path, default=DEFAULT_STORE)
     report.add_argument("--dataset", default=None, help="one dataset (default: every dataset in the store)")
     report.add_argument("--out", type=Path, default=Path("reports"))
+    report.add_argument("--no-tsne", action="store_true", help="skip the t-SNE figure (it rebuilds models)")
     return parser
 
 
@@ -158,7 +162,8 @@ def command_run(args) -> None:
     from bench.store import ResultStore
 
     request = GridRequest(dataset=args.dataset, profile=args.profile, model=args.model, attacks=_split(args.attacks),
-                          defenses=_split(args.defenses), seeds=_seeds(args.seeds), overrides=args.override)
+                          defenses=_split(args.defenses), seeds=_seeds(args.seeds), overrides=args.override,
+                          scan_rows=args.scan)
     options = RunOptions(store=args.store, device=args.device, executor=args.executor, retry_failed=args.retry_failed,
                          artifacts=args.artifacts, address=args.address, gpus_per_cell=args.gpus_per_cell,
                          plugins=list(args.plugin))
@@ -166,10 +171,10 @@ def command_run(args) -> None:
     store = ResultStore(args.store)
     print_summary(summary_rows(cells, store))
     if not args.no_report:
-        from bench.report import write_report
+        from bench.report import write_index, write_report
 
-        path = write_report(store, args.dataset, args.reports)
-        progress.log(f"report: {path}")
+        path = write_report(store, args.dataset, args.reports, tsne_figure=not args.no_tsne)
+        progress.log(f"report: {path / 'README.md'}  (index: {write_index(store, args.reports)})")
     progress.log(f"results: {args.store} (python -m bench results --store {args.store})")
 
 
@@ -248,7 +253,7 @@ def command_report(args) -> None:
     if not datasets:
         raise BenchError(f"the store {args.store} holds no cells yet")
     for dataset in datasets:
-        progress.log(f"report: {write_report(store, dataset, args.out)}")
+        progress.log(f"report: {write_report(store, dataset, args.out, tsne_figure=not args.no_tsne)}")
     progress.log(f"index: {write_index(store, args.out)}")
 
 

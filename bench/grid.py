@@ -21,6 +21,7 @@ class GridRequest:
     defenses: list[str] | None = None   # None: every registered defense
     seeds: list[int] = field(default_factory=lambda: [0])
     overrides: list[str] = field(default_factory=list)
+    scan_rows: str | None = None        # None: the profile's (benign | all | off)
 
 
 @dataclass
@@ -79,6 +80,22 @@ def stage_specs(request: GridRequest, parsed: ParsedOverrides, attack: str) -> l
     return specs
 
 
+SCAN_ROWS = ("benign", "all", "off")
+
+
+def scan_settings(request: GridRequest, attack: str) -> dict | None:
+    """The REASR scan's settings for this attack's cells, or None when its rows are not scanned."""
+    from bench.scan import ScanConfig
+
+    profile = PROFILES.get(request.profile)
+    rows = request.scan_rows or profile.scan_rows
+    if rows not in SCAN_ROWS:
+        raise BenchError(f"bad --scan {rows!r}; valid: {', '.join(SCAN_ROWS)}")
+    if rows == "off" or (rows == "benign" and attack != "benign"):
+        return None
+    return dataclasses.asdict(build_config(ScanConfig, dict(profile.scan)))
+
+
 def defense_defaults(defense_cls, defense: str, attack: str, profile) -> dict:
     """The defense's own per-attack defaults, then the profile's, then (by the caller) the user's."""
     fields = {f.name for f in dataclasses.fields(defense_cls.Config)}
@@ -108,5 +125,5 @@ def expand(request: GridRequest) -> list[CellSpec]:
                 base = defense_defaults(defense_cls, defense, attack, PROFILES.get(request.profile))
                 for values in expand_sweeps(parsed.defense.get(defense, {})):
                     config = dataclasses.asdict(build_config(defense_cls.Config, {**base, **values}))
-                    cells.append(CellSpec(stage, defense, config))
+                    cells.append(CellSpec(stage, defense, config, scan_settings(request, attack)))
     return cells

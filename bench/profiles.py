@@ -23,6 +23,9 @@ class Profile:
     defense_defaults: dict = field(default_factory=dict)
     eval_batch_size: int = 1024
     curve_samples: int = 1000          # test samples behind the per-epoch curves (0: no curves)
+    # REASR by trigger inversion (bench.scan): on which rows, and ScanConfig fields for the budget.
+    scan_rows: str = "benign"          # benign | all | off
+    scan: dict = field(default_factory=dict)
 
     def train_for(self, dataset: str) -> TrainConfig:
         from dataclasses import replace
@@ -43,6 +46,8 @@ SMOKE = _define(Profile(
     finetune=TrainConfig(epochs=5, batch_size=128, lr=0.01, schedule="cosine"),
     curve_samples=500,
     defense_defaults={"none": {"finetune_epochs": 5}, "none@benign": {"rounds": 2}},
+    scan_rows="off",  # tests ask for the scan where they test it
+    scan={"steps": 60, "refine_steps": 20, "images_per_class": 5, "eval_images_per_class": 20},
 ))
 
 QUICK = _define(Profile(
@@ -53,6 +58,7 @@ QUICK = _define(Profile(
     finetune=TrainConfig(epochs=5, batch_size=128, lr=0.01, schedule="cosine"),
     # NONE's presets fine-tune 20 (40 natural) epochs; the CPU budget keeps them to the profile's 5.
     defense_defaults={"none": {"finetune_epochs": 5}, "none@benign": {"rounds": 3}},
+    scan={"steps": 150, "refine_steps": 50, "images_per_class": 10, "eval_images_per_class": 50},
 ))
 
 STANDARD = _define(Profile(

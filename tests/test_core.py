@@ -162,3 +162,14 @@ def test_readme_plugin_lists_are_generated_from_the_registries():
     assert render(readme) == readme, "README's plugin lists are stale: run `make readme`"
     for name in DATASETS.names() + MODELS.names() + ATTACKS.names() + DEFENSES.names():
         assert f"`{name}`" in readme
+
+
+def test_benign_rows_get_the_reasr_scan_and_none_its_natural_preset():
+    cells = expand(GridRequest("synthetic", "quick", attacks=["badnets", "benign"], defenses=["undefended", "none"]))
+    by_row = {(c.stage.attack, c.defense): c for c in cells}
+    assert by_row[("benign", "undefended")].scan is not None and by_row[("badnets", "undefended")].scan is None
+    assert by_row[("benign", "none")].defense_config["preset"] == "natural"
+    assert by_row[("badnets", "none")].defense_config["preset"] == "injected"
+    explicit = expand(GridRequest("synthetic", "quick", attacks=["benign"], defenses=["none"], scan_rows="off",
+                                  overrides=["defense.none.preset=injected"]))[0]
+    assert explicit.defense_config["preset"] == "injected" and explicit.scan is None

@@ -44,7 +44,7 @@ def linear_case() -> tuple[nn.Module, ImageSet, DatasetInfo]:
     return nn.Sequential(nn.Flatten(), linear), images, info
 
 
-def test_linear_model_known_trigger():
+def test_linear_model_known_trigger(tmp_path):
     model, images, info = linear_case()
     x = images.x.float() / 255
     logits = model(x).detach()
@@ -69,6 +69,12 @@ def test_linear_model_known_trigger():
     # Seeded: the same scan gives the same triggers.
     again = scan(model, images, info, config)
     assert torch.equal(again.masks, result.masks) and again.reasr == result.reasr
+    # The report's figures render from a result and from its JSON form.
+    from bench.scan_figures import plot_reasr, trigger_grid
+
+    curve = plot_reasr({"linear": result.reasr, "json": result.to_json()["reasr"]}, tmp_path / "reasr.png")
+    grid = trigger_grid({"linear": result}, tmp_path / "grid.png")
+    assert curve.stat().st_size > 1000 and grid.stat().st_size > 1000
 
 
 def stage_model(workspace, smoke_cell, attack: str):

@@ -88,7 +88,8 @@ def _section(data: ReportData, setup: Setup, figure_dir: Path, prefix: str, pale
     sub = level + "#"
     notes: list[str] = []
     lines = [f"{level} Setup", "", tables.setup_table(setup, data.dataset), "",
-             "Reproduce (an equivalent command rebuilt from the stored configurations):", "", "```bash",
+             "Reproduce (a command rebuilt from the stored configurations: overrides for every setting that "
+             "differs from the defaults):", "", "```bash",
              tables.reproduce_command(setup, data.dataset), "```", ""]
     lines += [f"{level} Results", "",
               "Each entry: **C-ACC / ASR / RA · DER** — clean accuracy, attack success rate and robust accuracy in %, "

@@ -69,17 +69,31 @@ def varying_fields(configs: list[dict]) -> list[str]:
                   if len({_canonical(c.get(k)) for c in unique.values()}) > 1)
 
 
-def default_config(kind: str, name: str) -> str | None:
-    """The canonical default configuration of a registered plugin (None when it is not loaded)."""
+def default_config(kind: str, name: str, attack: str | None = None, profile: str | None = None) -> dict | None:
+    """The configuration the grid gives a plugin when the user overrides nothing: the plugin's
+    defaults, then (with ``attack`` and ``profile``) its per-attack and the profile's defaults.
+    None when the plugin or profile is not loaded here (a ``--plugin`` file)."""
     import dataclasses
 
-    from bench.registry import ATTACKS, DEFENSES
+    from bench.config import build_config
+    from bench.registry import ATTACKS, DEFENSES, PROFILES
 
-    registry = DEFENSES if kind == "defense" else ATTACKS
     try:
-        cls = registry.get(name)
-        return _canonical(dataclasses.asdict(cls.Config()))
-    except Exception:  # an unregistered plugin (its --plugin file not loaded): no default known
+        if kind == "attack":
+            cls = ATTACKS.get(name)
+            values = {}
+            if profile is not None:
+                fields = {f.name for f in dataclasses.fields(cls.Config)}
+                values = {k: v for k, v in PROFILES.get(profile).attack_defaults.items() if k in fields}
+            return dataclasses.asdict(build_config(cls.Config, values))
+        cls = DEFENSES.get(name)
+        values = {}
+        if attack is not None and profile is not None:
+            from bench.grid import defense_defaults
+
+            values = defense_defaults(cls, name, attack, PROFILES.get(profile))
+        return dataclasses.asdict(build_config(cls.Config, values))
+    except Exception:  # an unregistered plugin or profile: no default known
         return None
 
 
@@ -214,34 +228,51 @@ def _latest(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _label(group: pd.DataFrame) -> pd.DataFrame:
-    """Attack/defense variant labels, display order and the primary defense variant of one setup."""
-    for kind in ("attack", "defense"):
-        labels, sorts = {}, {}
-        for name, sub in group.groupby(kind):
-            configs = list(sub[f"{kind}_config"])
-            names = variant_labels(name, configs)
-            varying = varying_fields(configs)
-            for config in configs:
-                key = _canonical(config)
-                labels[(name, key)] = names[key]
-                sorts[(name, key)] = _sort_key(name, config, varying, kind == "defense" and name == REFERENCE)
-        keys = [(n, _canonical(c)) for n, c in zip(group[kind], group[f"{kind}_config"])]
-        group[f"{kind}_label"] = [labels[k] for k in keys]
-        group[f"{kind}_sort"] = [sorts[k] for k in keys]
+    """Variant labels, display order and primary defense variants of one setup.
+
+    A defense's configuration may legitimately differ between attacks (per-attack defaults,
+    e.g. NONE's natural preset on ``benign``), so only fields that take several values for
+    the same attack make variants (a sweep); labels name those fields."""
+    labels, sorts = {}, {}
+    for name, sub in group.groupby("attack"):
+        configs = list(sub["attack_config"])
+        names, varying = variant_labels(name, configs), varying_fields(configs)
+        for config in configs:
+            key = _canonical(config)
+            labels[(name, key)] = names[key]
+            sorts[(name, key)] = _sort_key(name, config, varying, False)
+    keys = [(n, _canonical(c)) for n, c in zip(group["attack"], group["attack_config"])]
+    group["attack_label"] = [labels[k] for k in keys]
+    group["attack_sort"] = [sorts[k] for k in keys]
+    swept = {name: swept_fields(group, name) for name in group["defense"].unique()}
+    group["defense_label"] = [
+        name + (f" ({', '.join(f'{k}={short(c.get(k))}' for k in swept[name])})" if swept[name] else "")
+        for name, c in zip(group["defense"], group["defense_config"])]
+    group["defense_sort"] = [_sort_key(name, c, swept[name], name == REFERENCE)
+                             for name, c in zip(group["defense"], group["defense_config"])]
+    profile = group.iloc[0]["profile"]
     primary = {}
-    for name, sub in group.groupby("defense"):
-        by_variant = sub.groupby("defense_label")
-        default = default_config("defense", name)
+    for (name, attack), sub in group.groupby(["defense", "attack"]):
+        default = default_config("defense", name, attack, profile)
         chosen = None
-        for label, variant in by_variant:
-            if default is not None and _canonical(variant.iloc[0]["defense_config"]) == default:
+        for label, variant in sub.groupby("defense_label"):
+            if default is not None and _canonical(variant.iloc[0]["defense_config"]) == _canonical(default):
                 chosen = label
         if chosen is None:  # no default-config variant: the one with most cells, then the first in order
-            counts = sorted(((-len(v), v.iloc[0]["defense_sort"], label) for label, v in by_variant))
-            chosen = counts[0][2]
-        primary[name] = chosen
-    group["primary"] = [primary[d] == label for d, label in zip(group["defense"], group["defense_label"])]
+            chosen = min((-len(v), v.iloc[0]["defense_sort"], label) for label, v in sub.groupby("defense_label"))[2]
+        primary[(name, attack)] = chosen
+    group["primary"] = [primary[(d, a)] == label for d, a, label in zip(group["defense"], group["attack"],
+                                                                         group["defense_label"])]
     return group
+
+
+def swept_fields(frame: pd.DataFrame, defense: str) -> list[str]:
+    """Fields of a defense's configuration that take several values for the same attack (a sweep)."""
+    sub = frame[frame["defense"] == defense]
+    fields: set[str] = set()
+    for _, per_attack in sub.groupby("attack"):
+        fields |= set(varying_fields(list(per_attack["defense_config"])))
+    return sorted(fields)
 
 
 def _name_setups(setups: list[Setup]) -> None:

@@ -23,7 +23,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from bench.report.collect import (REFERENCE, Setup, aggregate, has_trigger, lookup, status_of, varying_fields,
+from bench.report.collect import (REFERENCE, Setup, aggregate, has_trigger, lookup, status_of, swept_fields,
                                   short)
 from bench.report.palette import FAILED_EDGE, FAILED_HATCH
 
@@ -340,7 +340,7 @@ def sweeps(setup: Setup, palette: dict[str, str], directory: Path, prefix: str =
     frame = setup.cells
     for defense in sorted(frame["defense"].unique()):
         sub = frame[frame["defense"] == defense]
-        fields = varying_fields(list(sub["defense_config"]))
+        fields = swept_fields(frame, defense)
         for swept in fields:
             others = [f for f in fields if f != swept]
             sub = sub.assign(

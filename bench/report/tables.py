@@ -13,7 +13,7 @@ import math
 import pandas as pd
 
 from bench.report.collect import (DETECTION_METRICS, MAIN_METRICS, Setup, aggregate, default_config, has_trigger, lookup,
-                                  short, status_of, varying_fields)
+                                  short, status_of, swept_fields, varying_fields)
 
 DASH = "—"
 DIGITS = {"der": 4, "det_flagged": 0, "poisoned": 0}
@@ -216,6 +216,21 @@ def _cli_value(value) -> str:
     return short(value)
 
 
+def _config_overrides(prefix: str, pairs: list[tuple[dict, dict | None]], swept: list[str]) -> list[str]:
+    """``prefix.field=v1,v2`` for swept fields and for fields that differ from the grid's default."""
+    result = []
+    for key in sorted(set().union(*(config for config, _ in pairs))):
+        values: list[str] = []
+        for config, default in pairs:
+            differs = default is not None and json.dumps(config.get(key), default=str) != json.dumps(default.get(key),
+                                                                                                   default=str)
+            if (key in swept or differs) and _cli_value(config.get(key)) not in values:
+                values.append(_cli_value(config.get(key)))
+        if values:
+            result.append(f"{prefix}.{key}={','.join(values)}")
+    return result
+
+
 def reproduce_command(setup: Setup, dataset: str) -> str:
     """An equivalent ``python -m bench run`` command, rebuilt from the stored configurations
     (overrides for every field that differs from the plugin or profile default)."""
@@ -232,7 +247,7 @@ def reproduce_command(setup: Setup, dataset: str) -> str:
         for section, default in (("train", dataclasses.asdict(profile.train_for(dataset))),
                                  ("finetune", dataclasses.asdict(profile.finetune))):
             for key, value in sorted((d.get(section) or {}).items()):
-                if default.get(key) != value:
+                if json.dumps(default.get(key), default=str) != json.dumps(value, default=str):
                     overrides.append(f"{section}.{key}={_cli_value(value)}")
     except Exception:  # profile not registered here: show the model explicitly, recipes are in the setup table
         parts.append(f"--model {d.get('model')}")
@@ -241,18 +256,14 @@ def reproduce_command(setup: Setup, dataset: str) -> str:
     seeds = sorted(frame["seed"].unique().tolist())
     if seeds != [0]:
         parts.append("--seeds " + ",".join(map(str, seeds)))
-    for kind in ("attack", "defense"):
-        for name in sorted(frame[kind].unique()):
-            configs = list(frame.loc[frame[kind] == name, f"{kind}_config"])
-            varying = set(varying_fields(configs))
-            default = default_config(kind, name)
-            defaults = json.loads(default) if default else {}
-            for key in sorted(set().union(*configs)):
-                values = []
-                for config in configs:
-                    if _cli_value(config.get(key)) not in values:
-                        values.append(_cli_value(config.get(key)))
-                if key in varying or (default and defaults.get(key) != configs[0].get(key)):
-                    overrides.append(f"{kind}.{name}.{key}={','.join(values)}")
+    profile_name = d.get("profile")
+    for name in sorted(frame["attack"].unique()):
+        configs = list(frame.loc[frame["attack"] == name, "attack_config"])
+        default = default_config("attack", name, profile=profile_name)
+        overrides += _config_overrides(f"attack.{name}", [(c, default) for c in configs], varying_fields(configs))
+    for name in sorted(frame["defense"].unique()):
+        sub = frame[frame["defense"] == name]
+        pairs = [(c, default_config("defense", name, a, profile_name)) for c, a in zip(sub["defense_config"], sub["attack"])]
+        overrides += _config_overrides(f"defense.{name}", pairs, swept_fields(frame, name))
     parts += [f"-o {o}" for o in overrides]
     return " ".join(parts)

@@ -168,6 +168,6 @@ def _draw(rows, stem: Path, samples: int) -> FigureFile:
         fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
         fig.tight_layout()
         result = save(fig, stem, "t-SNE of penultimate features",
-                      f"{samples} clean test samples (dots) and {samples} triggered ones (x), coloured by true class; first seed; "
-                      "one embedding per model")
+                      f"{samples} clean test samples (dots) and {samples} triggered ones (x), coloured by true class; "
+                      "first seed; one embedding per model")
     return result

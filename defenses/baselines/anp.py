@@ -11,8 +11,8 @@ and prunes the neurons whose mask ends below a threshold. A "neuron" is an outpu
 of every BatchNorm (its gamma is masked/perturbed, its beta perturbed), found by module
 traversal, so any architecture works without layer names; a model with no BatchNorm uses
 the output channels of its convolutions instead (the filter is masked, the bias perturbed).
-The mask and perturbation act through forward hooks: output = (m + delta) * (y - beta) +
-(1 + xi) * beta, where y - beta is the channel's gamma-scaled part.
+The mask and perturbation are parametrizations of the layer's weight and bias (gamma *
+(m + delta), beta * (1 + xi)), so the layer's own forward applies them whatever it is.
 
 As in the reference code, the network runs in training mode while the masks learn
 (BatchNorm normalises with the statistics of each clean batch; the running statistics it
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from bench import engine
 from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
@@ -43,7 +44,7 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 @dataclass
 class ANPConfig(DefenseConfig):
     eps: float = 0.4               # bound of the neuron perturbations delta, xi
-    steps: int = 1                 # signed-gradient steps of the inner maximisation (step size eps / steps)
+    perturb_steps: int = 1         # signed-gradient steps of the inner maximisation (step size eps / perturb_steps)
     alpha: float = 0.2             # weight of the natural loss against the perturbed loss
     mask_lr: float = 0.2           # SGD (momentum 0.9) on the masks
     iterations: int = 2000         # mask optimisation steps (batches)
@@ -67,7 +68,9 @@ def neuron_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 class NeuronMasks:
-    """Per-neuron masks and perturbations attached to a model with forward hooks."""
+    """Per-neuron masks and perturbations, attached as parametrizations of each layer's weight
+    (gamma or filter) and bias, so the layer's own forward (any BatchNorm subclass, fused
+    activations included) computes with weight * (m + delta) and bias * (1 + xi)."""
 
     def __init__(self, layers: list[tuple[str, nn.Module]], device: torch.device) -> None:
         self.names = [name for name, _ in layers]
@@ -78,27 +81,19 @@ class NeuronMasks:
         self.bias_noise = [torch.zeros(n, device=device, requires_grad=True) for n in sizes]
         self.perturbed = False
         self.noise_detached = False
-        self.handles = [module.register_forward_hook(self._hook(i)) for i, module in enumerate(self.modules)]
+        for index, module in enumerate(self.modules):
+            parametrize.register_parametrization(module, "weight", _Coefficient(self, index, bias=False), unsafe=True)
+            if module.bias is not None:
+                parametrize.register_parametrization(module, "bias", _Coefficient(self, index, bias=True), unsafe=True)
 
-    def _hook(self, index: int):
-        def hook(module, inputs, output):
-            shape = (1, -1) + (1,) * (output.dim() - 2)
-            bias = module.bias.view(shape) if module.bias is not None else None
-            scaled = output - bias if bias is not None else output
-            coeff = self.masks[index]
-            bias_coeff = None
-            if self.perturbed:
-                weight_noise, bias_noise = self.weight_noise[index], self.bias_noise[index]
-                if self.noise_detached:
-                    weight_noise, bias_noise = weight_noise.detach(), bias_noise.detach()
-                coeff = coeff + weight_noise
-                bias_coeff = 1 + bias_noise
-            result = coeff.view(shape) * scaled
-            if bias is not None:
-                result = result + (bias if bias_coeff is None else bias_coeff.view(shape) * bias)
-            return result
-
-        return hook
+    def coefficient(self, index: int, bias: bool) -> torch.Tensor | None:
+        """What multiplies neuron ``index``'s weight (m, or m + delta) or bias (None, or 1 + xi)."""
+        if not self.perturbed:
+            return None if bias else self.masks[index]
+        noise = (self.bias_noise if bias else self.weight_noise)[index]
+        if self.noise_detached:
+            noise = noise.detach()
+        return 1 + noise if bias else self.masks[index] + noise
 
     def noises(self) -> list[torch.Tensor]:
         return self.weight_noise + self.bias_noise
@@ -109,9 +104,23 @@ class NeuronMasks:
             mask.clamp_(0, 1)
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+        """Restore the layers' own, unmasked parameters."""
+        for module in self.modules:
+            for name in ("weight", "bias"):
+                if parametrize.is_parametrized(module, name):
+                    parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+
+
+class _Coefficient(nn.Module):
+    def __init__(self, owner: NeuronMasks, index: int, bias: bool) -> None:
+        super().__init__()
+        self.owner, self.index, self.bias = [owner], index, bias  # a list: not a submodule to register
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        coefficient = self.owner[0].coefficient(self.index, self.bias)
+        if coefficient is None:
+            return original
+        return original * coefficient.view((-1,) + (1,) * (original.dim() - 1))
 
 
 def prune_below(masks: list[torch.Tensor], modules: list[nn.Module], threshold: float) -> int:
@@ -139,10 +148,10 @@ class ANP(Defense):
         if not layers:
             raise BenchError("anp: the model has neither BatchNorm nor convolution layers to mask")
         reserve = ctx.reserve
-        masks = NeuronMasks(layers, ctx.device)
         trainable = [p for p in model.parameters() if p.requires_grad]
         for p in trainable:  # only the masks learn; the network's weights stay as delivered
             p.requires_grad_(False)
+        masks = NeuronMasks(layers, ctx.device)
 
         def loss_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
             if not cfg.bn_batch_stats:
@@ -153,12 +162,12 @@ class ANP(Defense):
                     for noise in masks.noises():
                         noise.uniform_(-cfg.eps, cfg.eps)
                 masks.perturbed, masks.noise_detached = True, False
-                for _ in range(cfg.steps):
+                for _ in range(cfg.perturb_steps):
                     loss = F.cross_entropy(net(x), y)
                     grads = torch.autograd.grad(loss, masks.noises())
                     with torch.no_grad():
                         for noise, grad in zip(masks.noises(), grads):
-                            noise.add_(grad.sign(), alpha=cfg.eps / cfg.steps).clamp_(-cfg.eps, cfg.eps)
+                            noise.add_(grad.sign(), alpha=cfg.eps / cfg.perturb_steps).clamp_(-cfg.eps, cfg.eps)
                 masks.noise_detached = True
                 loss_robust = F.cross_entropy(net(x), y)
             else:

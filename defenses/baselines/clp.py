@@ -9,7 +9,8 @@ Pairing a convolution with "its" BatchNorm is found generically, without layer n
 module order (the reference code pairs each BN with the last conv defined before it,
 which mispairs pre-activation ResNets): one forward pass of a dummy all-zeros image
 (no data is used) records which tensor each conv produced, and a BatchNorm is paired with
-the conv whose output tensor it receives as its input. A conv whose output feeds no
+the conv whose output tensor it receives as its input, unmodified (an in-place op in
+between, such as ReLU(inplace=True), bumps the tensor's version and breaks the pair). A conv whose output feeds no
 BatchNorm directly (the last conv of a pre-activation block, a conv-only model) is scored
 on its own kernel and pruned by zeroing its filter; a paired channel is pruned by zeroing
 the BatchNorm's weight and bias, as in the paper.
@@ -57,7 +58,7 @@ def outliers(bounds: torch.Tensor, u: float) -> torch.Tensor:
 @torch.no_grad()
 def conv_bn_pairs(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, nn.Module, nn.Module | None, str | None]]:
     """(conv name, conv, bn or None, bn name) for every conv reached by a forward pass, in execution order."""
-    produced: dict[int, str] = {}    # id(output tensor) -> conv name
+    produced: dict[int, tuple[str, int]] = {}  # id(output tensor) -> (conv name, tensor version)
     executed: list[str] = []
     paired: dict[str, list[str]] = {}
     names = {module: name for name, module in model.named_modules()}
@@ -66,13 +67,13 @@ def conv_bn_pairs(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[
     def conv_hook(module, inputs, output):
         name = names[module]
         executed.append(name)
-        produced[id(output)] = name
+        produced[id(output)] = (name, output._version)
         keep_alive.append(output)
 
     def bn_hook(module, inputs):
         source = produced.get(id(inputs[0]))
-        if source is not None:
-            paired.setdefault(source, []).append(names[module])
+        if source is not None and inputs[0]._version == source[1]:
+            paired.setdefault(source[0], []).append(names[module])
 
     handles = []
     for module in model.modules():

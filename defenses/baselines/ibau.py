@@ -17,12 +17,15 @@ fixed-point (Neumann series) iteration v <- (dPhi/ddelta)^T v + dH/ddelta, K tim
 the authors' code. The outer step is an ordinary ``engine.train`` step whose loss is a
 surrogate with exactly that gradient: H + <v, Phi(delta, theta)> (v and delta detached).
 
-Settings follow the authors' implementation: 5 rounds, K = 5, Adam lr 1e-4 on theta,
-SGD lr 10 for delta, fixed-point step 0.1, ||delta||^2 weight 1e-3, the network in
+Settings follow the authors' implementation: 5 rounds, K = 5, Adam on theta (lr 1e-4,
+BackdoorBench's value; the authors' script uses 1e-3), SGD lr 10 for delta, fixed-point step 0.1, ||delta||^2 weight 1e-3, the network in
 evaluation mode throughout, and the outer loss patching delta onto a small ``portion`` of
 each batch (0.01, at least one image) while the rest keeps the clean loss. Two changes
 for our setting: the inner loss of the fixed-point map uses the current batch (the
 reference reuses the first batch), and the inner ascent uses the reserve's true labels.
+The paper bounds ||delta||; the authors' code leaves that projection (radius 10) commented
+out, so delta is unbounded by default and ``radius`` restores the bound. delta lives in
+pixel space ([0, 1] images, before the model's normalisation), as in the authors' code.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ class IBAUConfig(DefenseConfig):
     inner_lr: float = 10.0          # SGD on the universal perturbation (inner problem)
     fixed_point_step: float = 0.1   # step of the fixed-point map delta - step * grad L_inner
     reg: float = 1e-3               # weight of ||delta||^2 in the inner loss
+    radius: float = 0.0             # project delta onto ||delta||_2 <= radius (pixel scale); 0: unbounded
     portion: float = 0.01           # share of each outer batch that carries delta (at least one image)
     augment: bool = False           # the reference unlearns on fixed, unaugmented batches
 
@@ -55,6 +59,13 @@ class IBAUConfig(DefenseConfig):
 def inner_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, reg: float) -> torch.Tensor:
     """What delta minimises: the negative loss of the perturbed batch plus a norm penalty."""
     return -F.cross_entropy(model(x + delta), y) + reg * delta.pow(2).sum()
+
+
+@torch.no_grad()
+def project(delta: torch.Tensor, radius: float) -> None:
+    """Scale delta back onto the L2 ball of the given radius, in place and without a host sync."""
+    if radius > 0:
+        delta.mul_((radius / delta.norm().clamp(min=1e-12)).clamp(max=1.0))
 
 
 @register_defense("ibau")
@@ -100,6 +111,7 @@ class IBAU(Defense):
 
         def loss_fn(net, x, y, indices):
             net.eval()
+            project(delta, cfg.radius)  # projected ascent: the previous step may have left the ball
             return inner_loss(net, x, y, delta, cfg.reg)
 
         recipe = engine.TrainConfig(epochs=1, batch_size=batch_size, optimizer="sgd", lr=cfg.inner_lr, momentum=0.0,
@@ -112,6 +124,7 @@ class IBAU(Defense):
         finally:
             for p in params:
                 p.requires_grad_(True)
+        project(delta, cfg.radius)
         return delta.detach()
 
     @staticmethod

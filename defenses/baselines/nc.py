@@ -6,7 +6,8 @@ x' = (1 - m) * x + m * p, minimising CE(f(x'), t) + cost_t * |m|_1 on the clean 
 A backdoor target needs a far smaller mask than the other classes, so the L1 norms are
 screened with the median absolute deviation: a class whose anomaly index
 |norm - median| / (1.4826 * MAD) exceeds 2 and whose norm lies below the median is
-flagged. Mitigation unlearns the flagged triggers: fine-tune on the reserve with the
+flagged; a class whose reversed trigger never reached the attack-success threshold on
+the reserve is not flagged (its norm still counts in the statistics). Mitigation unlearns the flagged triggers: fine-tune on the reserve with the
 reversed trigger stamped on a share of each batch while the true label is kept.
 
 As in the reference implementation, each cost_t adapts per epoch (starts at init_cost,
