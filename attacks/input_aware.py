@@ -10,7 +10,7 @@ from torch import nn
 from bench import engine
 from bench.attack import Attack, AttackConfig, AttackContext, Poisoned
 from bench.data.base import ImageSet
-from bench.registry import register_attack
+from bench.registry import BenchError, register_attack
 
 EPSILON = 1e-7
 
@@ -87,27 +87,27 @@ class InputAware(Attack):
     """Input-Aware dynamic backdoor (Nguyen & Tran 2020): every image gets its own trigger
     from a generator, B(x) = x (1 - m(x)) + g(x) m(x).
 
-    Training, as in the paper (inside ``train_model``, on ``engine.train``):
+    The attacker controls training, as in the paper (inside ``train_model``, on ``engine.train``):
     1. The mask generator m is fitted alone for ``mask_epochs`` with the diversity loss on
        (thresholded) masks plus ``lambda_norm`` * mean(relu(m(x) - mask_density)), which keeps
        masks small.
-    2. The classifier and the pattern generator g are trained jointly, in one loop (the
-       classifier with the stage's recipe, g with Adam as in the paper; m frozen and
-       thresholded). In each batch the backdoor samples get
-       their own trigger and the target label, the cross samples get the trigger generated
-       from another image of the batch and keep their true label (so a trigger only works
-       on the image it was made for), and the loss is cross-entropy plus ``lambda_div`` x
-       the diversity loss ||x1 - x2|| / ||g(x1) - g(x2)||.
+    2. The classifier and the pattern generator g are trained jointly in one loop (the
+       classifier with the stage's recipe, g with Adam as in the paper, on the same schedule;
+       m frozen and thresholded). Each batch draws its roles afresh: a ``poison_rate`` share
+       gets its own trigger and the target label, a ``cross_rate`` share gets the trigger
+       generated from another image of the batch and keeps its true label (so a trigger
+       only works on the image it was made for), the rest stays clean. The loss is
+       cross-entropy plus ``lambda_div`` x the diversity loss ||x1 - x2|| / ||g(x1) - g(x2)||.
 
-    Backdoor and cross samples are fixed, recorded sets of the training set (the paper
-    picks them afresh in each batch): ``poisoned_indices`` (relabelled to the target) and
-    ``cross_rate`` x N other samples. ``poison`` returns the clean images with a
-    ``transform`` that stamps the generators' triggers on those samples in every batch
-    (with the final generators once the stage has trained them), so a defense that
-    retrains sees what the attacker trained on, and detection has ground truth. The
-    generators' weights are the attack's state, so the test-time trigger is recreated
-    exactly. All-to-all and slow poisoning are supported (the schedule ramps the
-    backdoor samples; the mask-generator fit uses the clean images only).
+    What the attacker delivers (``poison``) is the training set with a ``transform`` that
+    stamps the final generators' triggers, per batch, on fixed recorded sets: the
+    ``poisoned_indices`` (own trigger, relabelled to the target) and ``cross_rate`` x N
+    other samples (cross trigger, true label). A defense that retrains on it sees the
+    attacker's kind of training data, and detection metrics have ground truth; the
+    undefended model itself was trained with the per-batch draws above. The generators'
+    weights are the attack's state, so the test-time trigger is recreated exactly.
+    All-to-all and slow poisoning are supported (slow: the per-batch backdoor share follows
+    the ramp of ``Attack.slow_schedule``, and the delivered set carries that schedule).
     """
 
     Config = InputAwareConfig
@@ -121,6 +121,7 @@ class InputAware(Attack):
             self.mask_generator = Generator(info.channels, 1, info.side, config.width)
         self.pattern_generator.eval()
         self.mask_generator.eval()
+        self._clean_train: ImageSet | None = None  # set by poison(): train_model trains on the clean set
         self.mask_fraction = float("nan")  # mean thresholded mask on training images, after training
         self.mask_loss = float("nan")
 
@@ -192,6 +193,8 @@ class InputAware(Attack):
         cfg = self.config
         self._generators_to(ctx.device)
         clean = self._clean_train
+        if clean is None:
+            raise BenchError("input-aware: poison() must run before train_model()")
         mask_history: list[dict] = []
         if cfg.mask_epochs > 0:
             def mask_loss(mask_generator: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

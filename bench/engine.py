@@ -90,9 +90,11 @@ def train(
     ``indices`` restricts training to a subset (e.g. samples a defense kept); the data's
     own ``schedule`` (slow poisoning) further selects per epoch. ``extra_optimizers`` update
     auxiliary modules that ``loss_fn`` trains alongside the model with their own rule (e.g.
-    Input-Aware's trigger generator, Adam in its paper); their learning rates are not scheduled.
+    Input-Aware's trigger generator, Adam in its paper); their learning rates follow the
+    model's schedule, scaled from the rates they were created with.
     """
     extra_optimizers = list(extra_optimizers)
+    extra_base_lrs = [[group["lr"] for group in extra.param_groups] for extra in extra_optimizers]
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)  # sample order, on the host
@@ -121,6 +123,9 @@ def train(
                 lr = lr_at(cfg, (epoch + step / steps) / cfg.epochs, epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                for extra, base_lrs in zip(extra_optimizers, extra_base_lrs):
+                    for group, base_lr in zip(extra.param_groups, base_lrs):
+                        group["lr"] = base_lr * lr / cfg.lr if cfg.lr > 0 else base_lr
                 batch_idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 if len(batch_idx) == 0:
                     continue

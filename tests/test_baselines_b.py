@@ -12,7 +12,6 @@ import copy
 import math
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
