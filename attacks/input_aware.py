@@ -24,13 +24,15 @@ class InputAwareConfig(AttackConfig):
     mask_epochs: int = 25          # epochs that fit the mask generator before the joint training
     mask_lr: float = 0.01          # Adam step size of the mask-generator fit
     generator_lr: float = 0.01     # Adam step size of the pattern generator in the joint training
-    width: int = 32                # channels of the generators' first stage (doubled per down-sampling)
+    # Channels of the generators' first stage (doubled per down-sampling). None: the paper's
+    # sizes, 16 for MNIST-sized images (<= 28 px) and 32 for CIFAR-sized and larger ones.
+    width: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.cross_rate <= 1.0 or self.poison_rate + self.cross_rate > 1.0:
             raise ValueError("cross_rate must be in [0, 1] and poison_rate + cross_rate <= 1")
-        if self.mask_epochs < 0 or self.width < 1 or self.generator_lr <= 0 or self.mask_lr <= 0:
+        if self.mask_epochs < 0 or (self.width is not None and self.width < 1) or self.generator_lr <= 0 or self.mask_lr <= 0:
             raise ValueError("mask_epochs must be >= 0, width >= 1 and the learning rates positive")
 
 
@@ -117,8 +119,9 @@ class InputAware(Attack):
         super().__init__(config, info, seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=self.generator("init"))))
-            self.pattern_generator = Generator(info.channels, info.channels, info.side, config.width)
-            self.mask_generator = Generator(info.channels, 1, info.side, config.width)
+            width = config.width or (16 if info.side <= 28 else 32)
+            self.pattern_generator = Generator(info.channels, info.channels, info.side, width)
+            self.mask_generator = Generator(info.channels, 1, info.side, width)
         self.pattern_generator.eval()
         self.mask_generator.eval()
         self._clean_train: ImageSet | None = None  # set by poison(): train_model trains on the clean set

@@ -48,7 +48,7 @@ class ScanConfig:
     stimulation_layer: str | None = None  # module name (as in named_modules); None: the last spatial layer
     stimulation_values: int = 8         # stimulation levels from 0 to stimulation_scale x the layer's max
     stimulation_scale: float = 4.0
-    max_batch_images: int = 8192        # images per forward pass (triggers x images); bounds memory
+    max_batch_images: int = 4096        # images per forward pass (triggers x images): bounds memory
     seed: int = 0
 
     def __post_init__(self) -> None:
