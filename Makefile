@@ -25,6 +25,7 @@ help:
 	@echo "make report      reports/<dataset>/ from the results store"
 	@echo "make list        every dataset, model, attack, defense and profile"
 	@echo "make setup       the virtual environment and, where apt-get works, Debian's Fashion-MNIST"
+	@echo "make perf        throughput (engine vs toolbox pipeline) and grid cost from the store, appended to BENCHMARKS.md"
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +65,11 @@ report: venv
 
 list: venv
 	$(PY) -m bench list
+
+# Figures, not assertions: appends dated, machine-labelled tables to BENCHMARKS.md.
+perf: venv setup
+	$(PY) benchmarks/throughput.py --out BENCHMARKS.md
+	$(PY) benchmarks/grid_cost.py --store $(STORE) --dataset $(DATASET) --profile $(PROFILE) --out BENCHMARKS.md
 
 readme: venv
 	$(PY) -m bench.readme

@@ -9,3 +9,5 @@ __version__ = "0.1.0"
 # Bump when core code changes what a stage or cell computes: finished results then rerun.
 STAGE_VERSION = "1"
 CELL_VERSION = "1"
+# Bump when bench/scan.py changes what REASR measures: only cells that scan rerun.
+SCAN_VERSION = "2"

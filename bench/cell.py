@@ -82,6 +82,7 @@ class CellSpec:
                    "defense_version": defense.version, "core_version": bench.CELL_VERSION}
         if self.scan is not None:
             payload["scan"] = self.scan
+            payload["scan_version"] = bench.SCAN_VERSION
         return "c-" + _hash(payload)
 
     def label(self) -> str:
@@ -300,11 +301,7 @@ def reverse_engineer(model: torch.nn.Module, test: ImageSet, info: DatasetInfo, 
 
     config = build_config(ScanConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in scan_config.items()})
     result = scan(model, test, info, config)
-    details = {"reasr": {f"{bound:g}": value for bound, value in result.reasr.items()},
-               "best_label": {f"{bound:g}": label for bound, label in result.best_label.items()},
-               "candidates": list(result.candidates), "seconds": round(result.seconds, 3)}
-    tensors = {"masks": result.masks.contiguous(), "patterns": result.patterns.contiguous(),
-               "bounds": torch.tensor(result.bounds), "per_candidate": result.per_candidate.contiguous()}
+    details, tensors = result.to_json(), result.tensors()
     return result.max_reasr, details, tensors
 
 

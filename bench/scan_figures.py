@@ -1,25 +1,86 @@
-"""Figures of the trigger-inversion scan: REASR against the size bound, and the reversed triggers."""
+"""Figures of the trigger-inversion scan: REASR against the size bound, and the reversed triggers.
+
+Figures are ``matplotlib.figure.Figure`` objects (no pyplot), so drawing them neither needs
+nor changes the caller's backend; the report calls these same functions inside its own style.
+"""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Protocol
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from bench.scan import ScanResult  # noqa: E402
+import torch
+from matplotlib.figure import Figure
 
 
-def plot_reasr(curves: Mapping[str, Mapping[float, float]], path: Path, title: str = "") -> Path:
-    """One line per model (e.g. per defense): REASR (%) against the mask bound (% of the image area)."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+class Triggers(Protocol):
+    """What the trigger grid needs: a ``bench.scan.ScanResult`` or ``StoredTriggers``."""
+
+    bounds: tuple[float, ...]
+    masks: torch.Tensor       # (bounds, 1, H, W)
+    patterns: torch.Tensor    # (bounds, C, H, W)
+    reasr: Mapping[float, float]
+    best_label: Mapping[float, int]
+
+
+@dataclass
+class StoredTriggers:
+    """A cell's reversed triggers as stored: the tensors of its ``scan.safetensors`` and the
+    per-bound REASR and labels of its ``details["scan"]`` (JSON keys are bound strings)."""
+
+    bounds: tuple[float, ...]
+    masks: torch.Tensor
+    patterns: torch.Tensor
+    reasr: dict[float, float] = field(default_factory=dict)
+    best_label: dict[float, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_stored(cls, tensors: Mapping[str, torch.Tensor], details: Mapping) -> "StoredTriggers":
+        def tensor(name: str) -> torch.Tensor:  # names as ScanResult.tensors() writes them
+            found = tensors.get(f"scan_{name}")
+            if found is None:
+                raise KeyError(f"no {name!r} tensor among {sorted(tensors)}")
+            return found
+
+        # Bounds are saved as float32 (0.02 -> 0.0199999...): round-trip through the JSON key
+        # format so that they match the keys of ``details``.
+        bounds = tuple(float(f"{float(b):g}") for b in tensor("bounds").tolist())
+        return cls(bounds=bounds, masks=tensor("masks"), patterns=tensor("patterns"),
+                   reasr=_by_bound(details.get("reasr") or {}), best_label=_by_bound(details.get("best_label") or {}))
+
+
+def _by_bound(values: Mapping) -> dict:
+    return {float(b): v for b, v in values.items()}
+
+
+def _save(fig: Figure, path: Path, svg: bool) -> Path:
+    """PNG at ``path`` (and SVG beside it): metadata without dates or versions, so a re-render
+    of the same results gives the same files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=140, bbox_inches="tight", metadata={"Software": None})
+    if svg:
+        fig.savefig(path.with_suffix(".svg"), bbox_inches="tight", metadata={"Date": None})
+    return path
+
+
+def plot_reasr(curves: Mapping[str, Mapping[float, float]], path: Path, title: str = "", *,
+               colors: Mapping[str, str] | None = None, errors: Mapping[str, Mapping[float, float]] | None = None,
+               svg: bool = False) -> Path:
+    """One line per model (e.g. per defense): REASR (%) against the mask bound (% of the image area).
+
+    Bounds may be floats or their JSON strings. ``colors``: a fixed colour per name; ``errors``:
+    a std per name and bound (over seeds), drawn as error bars."""
+    fig = Figure(figsize=(5.6, 3.6))
+    ax = fig.subplots()
     for name, curve in curves.items():
-        bounds = sorted(float(b) for b in curve)
-        values = [curve[b] if b in curve else curve[f"{b:g}"] for b in bounds]  # type: ignore[index]
-        ax.plot([100 * b for b in bounds], values, marker="o", label=name)
+        points = sorted(_by_bound(curve).items())
+        spread = _by_bound((errors or {}).get(name) or {})
+        yerr = [spread.get(b, math.nan) for b, _ in points]
+        yerr = None if all(math.isnan(e) for e in yerr) else [0.0 if math.isnan(e) else e for e in yerr]
+        ax.errorbar([100 * b for b, _ in points], [v for _, v in points], yerr=yerr, marker="o", capsize=3,
+                    label=name, color=(colors or {}).get(name))
     ax.set_xlabel("trigger size bound (% of image area)")
     ax.set_ylabel("REASR (%)")
     ax.set_ylim(-2, 102)
@@ -27,13 +88,9 @@ def plot_reasr(curves: Mapping[str, Mapping[float, float]], path: Path, title: s
     if title:
         ax.set_title(title)
     if curves:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, svg)
 
 
 def _preview(mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -43,25 +100,32 @@ def _preview(mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
     return image.squeeze(-1) if image.shape[-1] == 1 else image
 
 
-def trigger_grid(results: Mapping[str, ScanResult], path: Path, title: str = "") -> Path:
+def _bound_index(bounds: tuple[float, ...], bound: float) -> int | None:
+    # isclose: bounds of different cells may come from float32 tensors or from JSON keys
+    return next((i for i, b in enumerate(bounds) if math.isclose(b, bound, rel_tol=1e-6)), None)
+
+
+def trigger_grid(results: Mapping[str, Triggers], path: Path, title: str = "", *, svg: bool = False) -> Path:
     """Rows: models (e.g. defenses); columns: bounds. Each cell shows the best candidate's
-    reversed trigger stamped on grey, titled with its label and REASR."""
+    reversed trigger stamped on grey, titled with its label and REASR. ``results`` hold
+    ``ScanResult``s or ``StoredTriggers`` (what a cell stored)."""
     names = list(results)
-    bounds = sorted({b for r in results.values() for b in r.bounds})
-    fig, axes = plt.subplots(len(names), len(bounds), figsize=(1.6 * len(bounds) + 1, 1.8 * len(names) + 0.4),
-                             squeeze=False)
+    bounds = sorted({float(f"{b:g}") for r in results.values() for b in r.bounds})
+    fig = Figure(figsize=(1.6 * len(bounds) + 1, 1.8 * len(names) + 0.4))
+    axes = fig.subplots(len(names), len(bounds), squeeze=False)
     for row, name in enumerate(names):
         result = results[name]
         for col, bound in enumerate(bounds):
             ax = axes[row][col]
             ax.set_xticks([])
             ax.set_yticks([])
-            if bound in result.bounds:
-                i = result.bounds.index(bound)
+            ax.grid(False)  # a style's grid lines would be drawn over the image
+            i = _bound_index(tuple(result.bounds), bound)
+            if i is not None:
                 image = _preview(result.masks[i].float(), result.patterns[i].float())
                 ax.imshow(image.numpy(), cmap="gray" if image.dim() == 2 else None, vmin=0, vmax=1,
                           interpolation="nearest")
-                ax.set_title(f"{100 * bound:g}%: y={result.best_label[bound]} {result.reasr[bound]:.0f}%", fontsize=7)
+                ax.set_title(_trigger_title(result, result.bounds[i]), fontsize=7)
             else:
                 ax.axis("off")
             if col == 0:
@@ -69,8 +133,18 @@ def trigger_grid(results: Mapping[str, ScanResult], path: Path, title: str = "")
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, svg)
+
+
+def _trigger_title(result: Triggers, bound: float) -> str:
+    """``bound%: y=label REASR%``, with what is known (a stored cell may lack labels)."""
+    label = _lookup(result.best_label, bound)
+    value = _lookup(result.reasr, bound)
+    text = f"{100 * bound:g}%:"
+    text += f" y={label}" if label is not None else ""
+    text += f" {value:.1f}%" if value is not None else ""  # one decimal: low REASRs are the ones compared
+    return text
+
+
+def _lookup(values: Mapping[float, object], bound: float):
+    return next((v for b, v in values.items() if math.isclose(float(b), bound, rel_tol=1e-6)), None)

@@ -88,6 +88,24 @@ def measure(label: str, model_name: str, images: ImageSet, info, device, repeats
     return row
 
 
+def standard_epoch_seconds(device) -> float | None:
+    """One epoch of the standard profile's recipe on CIFAR-10-sized data (50 000 x 3x32x32),
+    PreAct-ResNet18; only on a GPU (a CPU estimate would be a guess, not a measurement)."""
+    if device.type != "cuda":
+        return None
+    from dataclasses import replace
+
+    from bench.profiles import STANDARD
+
+    info = DATASETS.get("synthetic").info.__class__("cifar10-sized", 10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3, True)
+    images, _ = make_synthetic(50_000, 0, 10, 3, 32)
+    recipe = replace(STANDARD.train, epochs=2)  # the first epoch pays cuDNN autotuning and allocator warm-up
+    torch.manual_seed(0)
+    history = train(build_model(STANDARD.model, info).to(device), images.to(device), recipe, info, seed=0, desc="standard")
+    torch.cuda.synchronize()
+    return len(images) / history[-1]["images_per_s"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -113,6 +131,10 @@ def main() -> None:
                  f"{os.cpu_count()} CPUs, workers={args.workers}, batch {args.batch_size}, median of {args.repeats}\n",
                  "| configuration | images/epoch | engine img/s | toolbox img/s | ratio |", "|---|---|---|---|---|"]
         lines += [f"| {r['config']} | {r['samples']} | {r['engine']:.0f} | {r['toolbox']:.0f} | {r['ratio']:.2f}x |" for r in rows]
+        seconds = standard_epoch_seconds(device)
+        lines += ["", "| standard profile epoch, preact-resnet18, 50 000 x 3x32x32 | device | s/epoch |", "|---|---|---|",
+                  f"| GPU | {describe(device)} | {seconds:.1f} |" if seconds is not None else
+                  "| GPU | (no GPU on this machine: left empty, not estimated) | |"]
         with open(args.out, "a") as handle:
             handle.write("\n".join(lines) + "\n")
 

@@ -15,8 +15,20 @@ os.environ.setdefault("BENCH_PROGRESS", "0")
 def workspace(tmp_path_factory):
     from bench.cell import Workspace
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # At most 2 threads (CI's cores), fewer when OMP_NUM_THREADS says so: on a shared machine
+    # oversubscribed OpenMP threads spin and run ~10x slower.
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
     return Workspace(tmp_path_factory.mktemp("runs"), torch.device("cpu"))
+
+
+@pytest.fixture
+def one_thread():
+    """For tiny tensors (batches of two, a linear model): thread hand-offs cost more than the
+    arithmetic, and on a busy machine a second thread costs 10x (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

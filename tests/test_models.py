@@ -85,15 +85,6 @@ def real_step(model_name: str, info: DatasetInfo) -> None:
     assert any(float(p.grad.abs().sum()) > 0 for p in model.parameters()), f"{model_name}: all gradients are zero"
 
 
-@pytest.fixture
-def one_thread():
-    """Batches of two are too small to split; on a busy machine a second thread costs 10x (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_real_step_on_the_smallest_shapes(model_name, one_thread):
     for info in smallest_per_channel_count(INFOS):

@@ -268,3 +268,111 @@ def test_real_smoke_cell_gives_tsne_and_curves(smoke_cell, workspace, tmp_path):
     row = table_rows(readme, "## Results")["undefended"][0]
     assert row.startswith(f"{result['metrics']['c_acc']:.2f} / {result['metrics']['asr']:.2f} / ")
     assert (report / "figures" / "curves.png").is_file()
+
+
+# --- REASR (trigger inversion) -------------------------------------------------------------------
+# Bounds as fractions of the image area, and REASR % per (defense, seed) at each bound.
+SCAN_BOUNDS = (0.02, 0.06, 0.1)
+SCANS = {
+    ("undefended", 0): (10.0, 40.0, 70.0),
+    ("undefended", 1): (20.0, 50.0, 90.0),
+    ("none", 0): (0.5, 2.25, 5.0),
+}
+
+
+def scan_details(values: tuple[float, ...]) -> dict:
+    """What a scanning cell stores in details["scan"] (ScanResult.to_json(), the parts the report reads)."""
+    reasr = {f"{b:g}": v for b, v in zip(SCAN_BOUNDS, values)}
+    details = {"reasr": reasr, "best_label": {f"{b:g}": 3 for b in SCAN_BOUNDS}, "candidates": [0, 1, 2, 3],
+               "seconds": 1.5}
+    details.update(bounds=list(SCAN_BOUNDS), max_reasr=max(values), mean_reasr=round(statistics.mean(values), 2),
+                   mask_l1={f"{b:g}": b for b in SCAN_BOUNDS})
+    return details
+
+
+def write_scan_tensors(directory: Path) -> None:
+    """scan.safetensors as the cell saves it (ScanResult.tensors())."""
+    import torch
+    from safetensors.torch import save_file
+
+    masks = torch.zeros(len(SCAN_BOUNDS), 1, 8, 8)
+    masks[:, :, :2, :2] = 1.0
+    tensors = {"masks": masks, "patterns": torch.rand(len(SCAN_BOUNDS), 3, 8, 8, generator=torch.Generator().manual_seed(0)),
+               "bounds": torch.tensor(SCAN_BOUNDS), "per_candidate": torch.zeros(len(SCAN_BOUNDS), 4)}
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({"scan_" + k: v for k, v in tensors.items()}, str(directory / "scan.safetensors"))
+
+
+def scanned_report(root: Path, without_artifacts: tuple[str, ...] = ()) -> Path:
+    """A store with a benign row whose undefended (2 seeds) and NONE (1 seed) cells ran the scan,
+    plus a badnets row without scans; the report of it (no t-SNE: no models here)."""
+    store = ResultStore(root / "bench.sqlite")
+    stages = {}
+    for attack, seed in (("benign", 0), ("benign", 1), ("badnets", 0)):
+        stage = stages[(attack, seed)] = stage_of("synthetic", attack, seed)
+        store.stage_running(stage)
+        store.stage_done(stage.id, {"metrics": {"c_acc": 99.0, "asr": None if attack == "benign" else 99.0, "ra": None},
+                                    "timings": {"total_s": 10.0}, "environment": ENV})
+    unscanned = FixedCell(stages[("badnets", 0)], "undefended", {}, fixed_id="c-noscan")
+    store.cell_running(unscanned)
+    store.cell_done(unscanned.id, {"metrics": {"c_acc": 99.0, "asr": 99.0, "ra": 1.0, "der": 0.5}, "timings": {},
+                                   "environment": ENV})
+    for (defense, seed), values in SCANS.items():
+        config = {} if defense == "undefended" else NONE_DEFAULT
+        cell = FixedCell(stages[("benign", seed)], defense, dict(config), fixed_id=f"c-scan-{defense}-{seed}")
+        store.cell_running(cell)
+        store.cell_done(cell.id, {"metrics": {"c_acc": 98.0, "asr": None, "ra": None, "der": None, "reasr": max(values)},
+                                  "timings": {"defense_s": 1.0, "eval_s": 0.1, "scan_s": 1.5}, "environment": ENV,
+                                  "details": {"scan": scan_details(values)}})
+        if defense not in without_artifacts:
+            write_scan_tensors(root / cell.id)
+    return write_report(store, "synthetic", root / "reports", tsne_figure=False)
+
+
+def assert_valid_figure(png: Path) -> None:
+    with Image.open(png) as image:
+        image.verify()
+    with Image.open(png) as image:
+        assert image.size[0] > 100 and image.size[1] > 100
+    assert ET.parse(png.with_suffix(".svg")).getroot().tag.endswith("svg")
+
+
+def test_reasr_table_and_figures_from_stored_scans(tmp_path):
+    report = scanned_report(tmp_path)
+    readme = (report / "README.md").read_text()
+    assert "lower is better" in readme.split("## REASR (trigger inversion)", 1)[1].split("|", 1)[0].lower()
+    rows = table_rows(readme, "## REASR (trigger inversion)")
+    assert rows.pop("defense") == ["2%", "6%", "10%", "max", "mean"]
+    undefended = [SCANS[("undefended", s)] for s in (0, 1)]
+    per_bound = [stat([v[i] for v in undefended]) for i in range(len(SCAN_BOUNDS))]
+    assert rows["undefended"] == [*per_bound, stat([max(v) for v in undefended]),
+                                  stat([round(statistics.mean(v), 2) for v in undefended])]  # as stored
+    none = SCANS[("none", 0)]
+    assert rows["none"] == ["0.50", "2.25", "5.00", "5.00", f"{round(statistics.mean(none), 2):.2f}"]
+    assert list(rows) == ["undefended", "none"]  # the main table's order; only the scanned attack row
+    assert "### benign" in readme and "### badnets" not in readme
+    for name in ("reasr_benign", "triggers_benign"):
+        png = report / "figures" / f"{name}.png"
+        assert f"(figures/{name}.png)" in readme
+        assert_valid_figure(png)
+    # exports: the max REASR per cell in the CSV, and its mean over seeds in the JSON summary
+    with open(report / "results.csv", newline="") as handle:
+        stored = {r["cell_id"]: json.loads(r["value"]) for r in csv.DictReader(handle) if r["metric"] == "reasr"}
+    assert stored == {f"c-scan-{d}-{s}": max(v) for (d, s), v in SCANS.items()}
+    summary = json.loads((report / "results.json").read_text())["summary"]
+    record = next(r for r in summary if r["defense_label"] == "undefended" and r["attack_label"] == "benign")
+    assert record["reasr"] == statistics.mean([70.0, 90.0])
+
+
+def test_reasr_report_survives_missing_artifacts(tmp_path):
+    report = scanned_report(tmp_path, without_artifacts=("none",))
+    readme = (report / "README.md").read_text()
+    rows = table_rows(readme, "## REASR (trigger inversion)")
+    assert rows["none"][-2] == "5.00"  # the numbers come from the store, not the artifacts
+    assert "reversed triggers of none on benign not drawn: no scan.safetensors" in readme
+    assert_valid_figure(report / "figures" / "triggers_benign.png")  # the undefended row alone
+    # no triggers at all: no grid, the rest of the section still there
+    bare = scanned_report(tmp_path / "bare", without_artifacts=("none", "undefended"))
+    text = (bare / "README.md").read_text()
+    assert not (bare / "figures" / "triggers_benign.png").exists() and "triggers_benign" not in text
+    assert_valid_figure(bare / "figures" / "reasr_benign.png")

@@ -44,14 +44,17 @@ def linear_case() -> tuple[nn.Module, ImageSet, DatasetInfo]:
     return nn.Sequential(nn.Flatten(), linear), images, info
 
 
-def test_linear_model_known_trigger(tmp_path):
+def test_linear_model_known_trigger(tmp_path, one_thread):
     model, images, info = linear_case()
     x = images.x.float() / 255
     logits = model(x).detach()
     assert (logits.argmax(1) == images.y).all()
+    # The premise: every margin lies between what 1 patch pixel (+0.5) and 4 (+2.0) add.
+    top2 = logits.topk(2, dim=1).values
+    assert 0.6 < (top2[:, 0] - top2[:, 1]).min() and (top2[:, 0] - top2[:, 1]).max() < 1.4
     # bound 0.004 of 256 px = 1 pixel (far too small); 0.02 = 5.12 px covers the 4-pixel patch.
-    config = ScanConfig(bounds=(0.004, 0.02), images_per_class=5, eval_images_per_class=20, steps=100,
-                        refine_steps=50, seed=0)
+    config = ScanConfig(bounds=(0.004, 0.02), images_per_class=5, eval_images_per_class=20, steps=60,
+                        refine_steps=30, lr=0.2, seed=0)
     result = scan(model, images, info, config)
     # Measured: REASR 0.0% at 0.004 (no candidate flips any image) and 100.0% (label 3) at 0.02.
     assert result.reasr[0.02] >= 98 and result.best_label[0.02] == 3
@@ -87,7 +90,7 @@ def stage_model(workspace, smoke_cell, attack: str):
 
 def test_scanner_finds_planted_badnets_trigger(workspace, smoke_cell):
     # BadNets on 16x16: a 2x2 white square = 4 px = 1.6% of the area, so the 2% bound (5 px) fits it.
-    # A reduced budget for speed (defaults: 300 + 100 steps at lr 0.1, 10 images per class).
+    # A reduced budget for speed (defaults: 300 + 100 steps, 10 images per class).
     config = ScanConfig(bounds=(0.02,), images_per_class=5, eval_images_per_class=30, steps=60, refine_steps=30,
                         lr=0.2)
     badnets_model, info, test = stage_model(workspace, smoke_cell, "badnets")
@@ -95,7 +98,10 @@ def test_scanner_finds_planted_badnets_trigger(workspace, smoke_cell):
     benign_model, _, benign_test = stage_model(workspace, smoke_cell, "benign")
     benign = scan(benign_model, benign_test, info, config)
     # Measured (seed 0): badnets REASR 97.4% at 2% with label 0 (the target; the true trigger's
-    # test ASR is ~99%); benign REASR 0.0% at 2%. Seeds 1, 2 of the scan: 97.4%, -.
+    # test ASR is ~99%), 97.4% / 96.3% with scan seeds 1 / 2; benign REASR 0.4% at 2%. (Stages
+    # trained with 1 CPU thread come out slightly different: 98.9% vs 0.0%.) (Benign over
+    # all six bounds at 100+50 steps: 2.4, 18.0, 40.4, 65.6, 91.3, 98.7% -- natural backdoors grow
+    # with the bound; badnets: 100% at every bound.)
     assert badnets.best_label[0.02] == 0
     assert badnets.reasr[0.02] >= 90
     assert benign.reasr[0.02] <= badnets.reasr[0.02] - 30
@@ -106,17 +112,18 @@ def test_scanner_finds_planted_badnets_trigger(workspace, smoke_cell):
     assert mask[-4:, -4:].sum() >= 0.6 * mask.sum()
 
 
-def test_stimulation_picks_the_backdoor_label(workspace, smoke_cell):
-    """ABS neuron stimulation alone (no inversion) ranks the badnets target among few candidates."""
-    from bench.scan import split_images, stimulation_candidates
-
+def test_stimulation_candidates_then_inversion(workspace, smoke_cell):
+    """ABS mode: neuron stimulation picks 2 of the 10 labels, and inverting only those still
+    finds the planted trigger. Measured: candidates [0, 5], the top neuron elevating label 0
+    (score ~11.6, next label ~6.0); REASR at 2% 99.3%."""
     model, info, test = stage_model(workspace, smoke_cell, "badnets")
-    config = ScanConfig(images_per_class=5, candidates="stimulation", max_candidates=3)
-    opt_idx, _ = split_images(test.y, info.num_classes, config, torch.Generator().manual_seed(0))
-    x, y = test.x[opt_idx].float() / 255, test.y[opt_idx]
-    labels, details = stimulation_candidates(model.eval(), x, y, info.num_classes, config)
-    assert len(labels) == 3 and 0 in labels
-    assert details["layer"] and details["top_neurons"]
+    config = ScanConfig(bounds=(0.02,), images_per_class=5, eval_images_per_class=30, steps=60, refine_steps=30,
+                        lr=0.2, candidates="stimulation", max_candidates=2)
+    result = scan(model, test, info, config)
+    assert len(result.candidates) == 2 and result.candidates[0] == 0
+    assert result.per_candidate.shape == (1, 2)
+    assert result.stimulation["layer"] and result.stimulation["top_neurons"][0]["label"] == 0
+    assert result.best_label[0.02] == 0 and result.reasr[0.02] >= 90
 
 
 def test_split_is_disjoint_stratified_and_seeded():
@@ -131,6 +138,21 @@ def test_split_is_disjoint_stratified_and_seeded():
     assert torch.bincount(labels[held], minlength=10).tolist() == [3] * 10
     again = split_images(labels, 10, config, torch.Generator().manual_seed(0))
     assert torch.equal(again[0], opt) and torch.equal(again[1], held)
+
+
+def test_clean_errors_are_not_credited():
+    """A model that predicts label 5 for everything has no trigger to find: REASR must be 0,
+    not 100 (its errors would all count as 'sent to 5' if clean predictions were not excluded)."""
+    info = DatasetInfo("const", 10, (1, 8, 8), (0.5,), (0.25,), False)
+    linear = nn.Linear(64, 10)
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.zero_()
+        linear.bias[5] = 100.0
+    model = nn.Sequential(nn.Flatten(), linear)
+    images = ImageSet(torch.randint(0, 256, (100, 1, 8, 8), dtype=torch.uint8), torch.arange(100) % 10)
+    result = scan(model, images, info, ScanConfig(bounds=(0.1, 1.0), images_per_class=2, steps=3, refine_steps=1))
+    assert result.reasr == {0.1: 0.0, 1.0: 0.0}
 
 
 def test_config_validation():

@@ -3,7 +3,8 @@ its rows point to): ``reports/<dataset>/`` (README.md with tables and figures, r
 results.json, figures/) and ``reports/index.md`` across datasets.
 
 Modules: ``collect`` (store -> tidy frame), ``tables`` (markdown), ``figures`` (seaborn),
-``tsne`` (features of rebuilt models), ``diagnostics`` (NONE's own figures), ``exports``
+``tsne`` (features of rebuilt models), ``diagnostics`` (NONE's own figures), ``reasr`` (the
+trigger-inversion scan: table and figures), ``exports``
 (CSV/JSON), ``summary`` (cross-dataset measures).
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from bench.report import diagnostics, exports, figures, tables, tsne
+from bench.report import diagnostics, exports, figures, reasr, tables, tsne
 from bench.report.collect import ReportData, Setup, load
 from bench.report.figures import FigureFile
 from bench.report.palette import defense_palette
@@ -82,6 +83,20 @@ def _figure_lines(figure: FigureFile | None, directory: Path, level: str) -> lis
     return lines
 
 
+def _reasr_lines(data: ReportData, setup: Setup, figure_dir: Path, prefix: str, palette: dict,
+                 level: str) -> tuple[list[str], list[str]]:
+    """The REASR section: per scanned attack row, its table and its figures beside it."""
+    blocks, notes = reasr.collect(data, setup, figure_dir, prefix, palette)
+    if not blocks:
+        return [], notes
+    lines = [f"{level} REASR (trigger inversion)", "", reasr.EXPLANATION, ""]
+    for block in blocks:
+        lines += [f"{level}# {block.attack}", "", block.table, ""]
+        for figure in block.figures:
+            lines += _figure_lines(figure, figure_dir.parent, level + "##")
+    return lines, notes
+
+
 def _section(data: ReportData, setup: Setup, figure_dir: Path, prefix: str, palette: dict, level: str,
              tsne_figure: bool, tsne_samples: int, device: str) -> list[str]:
     directory = figure_dir.parent
@@ -101,6 +116,9 @@ def _section(data: ReportData, setup: Setup, figure_dir: Path, prefix: str, pale
         lines += [f"{level} Detection of poisoned training samples", "",
                   "Defenses that flag training samples, against the true poisoned indices (which they never see).", "",
                   detection, ""]
+    scan_lines, scan_notes = _reasr_lines(data, setup, figure_dir, prefix, palette, level)
+    lines += scan_lines
+    notes += scan_notes
     lines += [f"{level} Cost", "", "Wall seconds on the device above: the attack stage trains the undefended model once "
               "per attack and seed and is shared by every defense; defense columns are the defense alone.", "",
               tables.cost_table(setup), ""]

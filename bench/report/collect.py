@@ -23,9 +23,10 @@ from bench.store import ResultStore
 # Metrics shown in the results table; every cell gets these columns (NaN when absent).
 MAIN_METRICS = ("c_acc", "asr", "ra", "der")
 DETECTION_METRICS = ("det_precision", "det_recall", "det_fpr", "det_flagged")
+SCAN_METRICS = ("reasr",)  # max REASR over the size bounds (percent), for cells that ran the trigger scan
 TIMING_KEYS = ("attack_s", "defense_s", "eval_s")
 METRIC_NAMES = {"c_acc": "C-ACC", "asr": "ASR", "ra": "RA", "der": "DER", "det_precision": "precision",
-                "det_recall": "recall", "det_fpr": "FPR", "det_flagged": "flagged"}
+                "det_recall": "recall", "det_fpr": "FPR", "det_flagged": "flagged", "reasr": "REASR"}
 REFERENCE = "undefended"
 
 
@@ -191,7 +192,7 @@ def load(store: ResultStore, dataset: str) -> ReportData:
             "undef_ra": _number(stage_metrics.get("ra")), "poison_rate": _number(stage_metrics.get("poison_rate")),
             "poisoned": _number(stage_metrics.get("poisoned")),
         }
-        for name in MAIN_METRICS + DETECTION_METRICS:
+        for name in MAIN_METRICS + DETECTION_METRICS + SCAN_METRICS:
             row[name] = _number(metrics.get(name))
         for name in TIMING_KEYS:
             row[name] = _number(timings.get(name))

@@ -1,0 +1,185 @@
+"""REASR (trigger inversion, bench/scan.py) in the report: per attack, a table of REASR per
+size bound, REASR against the bound, and the reversed triggers.
+
+Numbers come from the store (``metrics["reasr"]``, ``details["scan"]``); only the trigger
+images come from the cells' artifact directories (``scan.safetensors``), so a cell whose
+artifacts are gone loses its row of the trigger grid, never its numbers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from bench.report.collect import ReportData, Setup, aggregate, lookup, status_of
+from bench.report.figures import FigureFile, _slug, style
+from bench.report.tables import DASH, entry_text, fmt_stat, markdown_table, partial_note
+
+SCAN_FILE = "scan.safetensors"
+MAX, MEAN = "reasr_max", "reasr_mean"
+EXPLANATION = ("REASR: the share (%) of held-out clean images — not of the label, and not already predicted as it — "
+               "that the best reversed trigger within the size bound (% of the image area) sends to its label; "
+               "max and mean are over the bounds. Lower is better: a high REASR means a small trigger controls the "
+               "model (a planted or natural backdoor). Mean ± sample std over seeds when there are several.")
+
+
+@dataclass
+class Block:
+    """One attack row's REASR results: its table and figures."""
+
+    attack: str
+    table: str
+    figures: list[FigureFile] = field(default_factory=list)
+
+
+def scan_of(details) -> dict | None:
+    """A cell's stored scan summary, or None when it did not scan."""
+    scan = details.get("scan") if isinstance(details, dict) else None
+    return scan if isinstance(scan, dict) and isinstance(scan.get("reasr"), dict) and scan["reasr"] else None
+
+
+def per_bound(details) -> dict[float, float]:
+    """bound (fraction of the area) -> REASR %; JSON keys are bound strings."""
+    scan = scan_of(details)
+    return {} if scan is None else {float(b): float(v) for b, v in scan["reasr"].items() if v is not None}
+
+
+def bound_column(bound: float) -> str:
+    return f"reasr@{bound:g}"
+
+
+def with_scan_columns(cells: pd.DataFrame) -> tuple[pd.DataFrame, list[float]]:
+    """The cells with a REASR column per bound plus max and mean over bounds (NaN where a cell
+    did not scan), and the bounds found, so that ``aggregate`` gives mean ± std over seeds."""
+    values = [per_bound(d) for d in cells["details"]]
+    bounds = sorted({b for v in values for b in v})
+    columns = {bound_column(b): [v.get(b, math.nan) for v in values] for b in bounds}
+    # the stored max (metrics["reasr"]) is what the exports hold; the summary's only when it is missing
+    columns[MAX] = [stored if not math.isnan(stored) else (max(v.values()) if v else math.nan)
+                    for stored, v in zip(cells["reasr"], values)]
+    columns[MEAN] = [_mean(d, v) for d, v in zip(cells["details"], values)]
+    return cells.assign(**columns), bounds
+
+
+def _mean(details, values: dict[float, float]) -> float:
+    stored = (scan_of(details) or {}).get("mean_reasr")
+    if stored is not None:
+        return float(stored)
+    return sum(values.values()) / len(values) if values else math.nan
+
+
+def scanned_attacks(setup: Setup) -> list[str]:
+    """Attack rows (display order) with at least one cell that ran the scan."""
+    frame = setup.cells
+    return [a for a in setup.attacks if any(scan_of(d) for d in frame.loc[frame["attack_label"] == a, "details"])]
+
+
+def reasr_table(cells: pd.DataFrame, bounds: list[float], defenses: list[str]) -> str:
+    """Rows: defenses; columns: REASR per bound, then max and mean over bounds."""
+    names = tuple(bound_column(b) for b in bounds) + (MAX, MEAN)
+    table = aggregate(cells, ["defense_label"], names)
+    rows = []
+    for defense in defenses:
+        record = lookup(table, defense_label=defense)
+        status = status_of(record)
+        if status in ("done", "partial"):
+            entries = [fmt_stat(record, name) for name in names]
+            if status == "partial":
+                entries[-1] += partial_note(record)
+        else:
+            entries = [entry_text(record, status, ())] + [DASH] * (len(names) - 1)
+        rows.append([defense, *entries])
+    return markdown_table(["defense", *(f"{100 * b:g}%" for b in bounds), "max", "mean"], rows)
+
+
+def curve_figure(cells: pd.DataFrame, bounds: list[float], palette: dict[str, str], attack: str,
+                 stem: Path) -> FigureFile | None:
+    """REASR against the bound, one line per defense (its primary variant), mean ± std over seeds."""
+    from bench.scan_figures import plot_reasr
+
+    names = tuple(bound_column(b) for b in bounds)
+    table = aggregate(cells[cells["primary"]], ["defense"], names)
+    curves, errors = {}, {}
+    for _, record in table.iterrows():
+        points = {b: record[bound_column(b)] for b in bounds if not math.isnan(record[bound_column(b)])}
+        if points:
+            curves[record["defense"]] = points
+            errors[record["defense"]] = {b: record[f"{bound_column(b)}_std"] for b in points}
+    if not curves:
+        return None
+    png = stem.parent / f"{stem.name}.png"
+    with style():
+        plot_reasr(curves, png, f"REASR vs trigger size bound — {attack}", colors=palette, errors=errors, svg=True)
+    return FigureFile(f"REASR vs trigger size bound — {attack}", png, png.with_suffix(".svg"),
+                      "mean over seeds, error bars: std; lower is better")
+
+
+def load_triggers(directory: Path, scan: dict):
+    """The cell's stored triggers, or (None, why) when its artifacts are missing or unreadable."""
+    from safetensors.torch import load_file
+
+    from bench.scan_figures import StoredTriggers
+
+    path = directory / SCAN_FILE
+    if not path.is_file():
+        return None, f"no {SCAN_FILE} in {directory}"
+    try:
+        return StoredTriggers.from_stored(load_file(str(path)), scan), ""
+    except Exception as exc:  # a truncated or foreign file costs its grid row, not the report
+        return None, f"{path} unreadable: {exc.__class__.__name__}: {exc}"
+
+
+def _first_triggers(cells: pd.DataFrame, root: Path):
+    """(row label, triggers, []) of the first seed whose triggers load, else (None, None, why not)."""
+    reasons = []
+    for _, cell in cells.sort_values("seed").iterrows():
+        scan = scan_of(cell["details"])
+        if scan is None:
+            continue
+        triggers, why = load_triggers(root / cell["id"], scan)
+        if triggers is not None:
+            return f"{cell['defense']} (seed {cell['seed']})", triggers, []
+        reasons.append(why)
+    return None, None, reasons
+
+
+def trigger_figure(cells: pd.DataFrame, root: Path, attack: str, stem: Path) -> tuple[FigureFile | None, list[str]]:
+    """Rows: defenses (primary variants, first seed whose triggers load); columns: bounds."""
+    from bench.scan_figures import trigger_grid
+
+    done = cells[cells["primary"] & (cells["status"] == "done")]
+    rows, notes = {}, []
+    for defense, sub in done.groupby("defense_label", sort=False):
+        label, triggers, reasons = _first_triggers(sub, root)
+        if triggers is not None:
+            rows[label] = triggers
+        elif reasons:
+            notes.append(f"reversed triggers of {defense} on {attack} not drawn: {'; '.join(reasons)}")
+    if not rows:
+        return None, notes
+    png = stem.parent / f"{stem.name}.png"
+    with style():
+        trigger_grid(rows, png, svg=True)
+    return FigureFile(f"Reversed triggers — {attack}", png, png.with_suffix(".svg"),
+                      "the best candidate's trigger per size bound, stamped on mid-grey; title: bound, label y and "
+                      "REASR of that seed"), notes
+
+
+def collect(data: ReportData, setup: Setup, figure_dir: Path, prefix: str,
+            palette: dict[str, str]) -> tuple[list[Block], list[str]]:
+    """One block per attack row that has a scanned cell, and notes on what could not be drawn."""
+    blocks, notes = [], []
+    for attack in scanned_attacks(setup):
+        sub = setup.cells[setup.cells["attack_label"] == attack]
+        cells, bounds = with_scan_columns(sub)
+        defenses = [d for d in setup.defenses if d in set(sub["defense_label"])]
+        block = Block(attack, reasr_table(cells, bounds, defenses))
+        slug = _slug(attack)
+        curve = curve_figure(cells, bounds, palette, attack, figure_dir / f"{prefix}reasr_{slug}")
+        grid, grid_notes = trigger_figure(cells, data.artifacts_root, attack, figure_dir / f"{prefix}triggers_{slug}")
+        block.figures = [f for f in (curve, grid) if f is not None]
+        notes += grid_notes
+        blocks.append(block)
+    return blocks, notes

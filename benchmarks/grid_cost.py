@@ -1,0 +1,112 @@
+"""What a grid costs, from the wall times a results store recorded (nothing is re-run).
+
+    python benchmarks/grid_cost.py [--store runs/bench.sqlite] [--dataset fashion-mnist]
+                                   [--profile quick] [--out BENCHMARKS.md]
+
+Prints, for one dataset and profile:
+- each attack stage's time (training the undefended model, poisoning, evaluation);
+- each defense's cell time (defense + evaluation + REASR scan where one ran), median over attacks;
+- NONE's analysis (collect, score, select, flag, reset) against its fine-tuning, per cell;
+- the default grid (every registered attack x every registered defense) as measured where the
+  store has the cell and projected from that defense's median elsewhere, each marked as such.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+from collections import defaultdict
+
+from bench.registry import ATTACKS, DEFENSES
+from bench.store import ResultStore
+
+
+def cell_seconds(cell: dict) -> float:
+    timings = cell.get("timings") or {}
+    return float(timings.get("defense_s", 0) + timings.get("eval_s", 0) + timings.get("scan_s", 0))
+
+
+def collect(store: ResultStore, dataset: str, profile: str) -> tuple[dict[str, float], dict[tuple[str, str], float], list[dict]]:
+    stages = {s["attack"]: float(s["timings"]["total_s"]) for s in store.stages(dataset)
+              if s["status"] == "done" and s["profile"] == profile and s.get("timings")}
+    per_cell: dict[tuple[str, str], list[float]] = defaultdict(list)
+    none_cells = []
+    for cell in store.cells(dataset, status="done"):
+        if cell["profile"] != profile:
+            continue
+        per_cell[(cell["attack"], cell["defense"])].append(cell_seconds(cell))
+        if cell["defense"] == "none" and (cell.get("details") or {}).get("timings"):
+            none_cells.append(cell)
+    return stages, {key: statistics.median(values) for key, values in per_cell.items()}, none_cells
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def report(store: ResultStore, dataset: str, profile: str) -> list[str]:
+    stages, cells, none_cells = collect(store, dataset, profile)
+    attacks, defenses = ATTACKS.names(), DEFENSES.names()
+    lines = [f"#### Attack stages ({dataset}, {profile} profile)", "", "| attack | stage wall time |", "|---|---|"]
+    lines += [f"| {a} | {minutes(stages[a])} |" for a in attacks if a in stages]
+    by_defense: dict[str, list[float]] = defaultdict(list)
+    for (_, defense), seconds in cells.items():
+        by_defense[defense].append(seconds)
+    median = {d: statistics.median(v) for d, v in by_defense.items()}
+    lines += ["", "#### Defense cells (defense + evaluation + scan), median over attacks", "",
+              "| defense | kind | median | min | max | cells |", "|---|---|---|---|---|---|"]
+    for d in defenses:
+        if d in by_defense:
+            v = by_defense[d]
+            lines.append(f"| {d} | {DEFENSES.get(d).kind} | {minutes(median[d])} | {minutes(min(v))} | {minutes(max(v))} | {len(v)} |")
+    if none_cells:
+        lines += ["", "#### NONE: analysis vs fine-tuning", "",
+                  "| attack | config | analysis | fine-tuning | analysis / fine-tuning |", "|---|---|---|---|---|"]
+        for cell in none_cells:
+            t = cell["details"]["timings"]
+            config = cell["config"].get("defense_config", cell["config"]) if isinstance(cell["config"], dict) else {}
+            short = ", ".join(f"{k}={config[k]}" for k in ("max_reset_fraction", "finetune_lr", "rounds") if k in config)
+            ratio = t["analysis_s"] / t["finetune_s"] if t.get("finetune_s") else float("nan")
+            lines.append(f"| {cell['attack']} | {short} | {t['analysis_s']:.1f} s | {t['finetune_s']:.1f} s | {ratio:.1%} |")
+    measured, projected, unknown = 0.0, 0.0, []
+    stage_median = statistics.median(stages.values()) if stages else None
+    for a in attacks:
+        if a in stages:
+            measured += stages[a]
+        elif stage_median is not None:
+            projected += stage_median
+        else:
+            unknown.append(f"{a} stage")
+        for d in defenses:
+            if (a, d) in cells:
+                measured += cells[(a, d)]
+            elif d in median:
+                projected += median[d]
+            else:
+                unknown.append(f"{a} x {d}")
+    lines += ["", f"#### Default grid: {len(attacks)} attacks x {len(defenses)} defenses", "",
+              f"- measured cells and stages: {minutes(measured)}",
+              f"- projected for the rest (median of the same defense / stage): {minutes(projected)}",
+              f"- total: **{minutes(measured + projected)}**"]
+    if unknown:
+        lines.append(f"- never measured, not counted: {', '.join(unknown)}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", default="runs/bench.sqlite")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--out", default=None, help="append the tables to this markdown file")
+    args = parser.parse_args()
+    lines = report(ResultStore(args.store), args.dataset, args.profile)
+    print("\n".join(lines))
+    if args.out:
+        header = f"\n### Grid cost from `{args.store}`, {datetime.date.today().isoformat()}\n"
+        with open(args.out, "a") as handle:
+            handle.write(header + "\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
