@@ -1,13 +1,13 @@
 """Figures of the trigger-inversion scan: REASR against the size bound, and the reversed triggers.
 
-Figures are ``matplotlib.figure.Figure`` objects (no pyplot), so drawing them neither needs
-nor changes the caller's backend; the report calls these same functions inside its own style.
+Both return a ``matplotlib.figure.Figure`` (no pyplot), so drawing neither needs nor changes
+the caller's backend; the report draws them inside its own style and saves them with
+``bench.report.figures.save`` like every other figure.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Mapping, Protocol
 
 import torch
@@ -54,20 +54,8 @@ def _by_bound(values: Mapping) -> dict:
     return {float(b): v for b, v in values.items()}
 
 
-def _save(fig: Figure, path: Path, svg: bool) -> Path:
-    """PNG at ``path`` (and SVG beside it): metadata without dates or versions, so a re-render
-    of the same results gives the same files."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=140, bbox_inches="tight", metadata={"Software": None})
-    if svg:
-        fig.savefig(path.with_suffix(".svg"), bbox_inches="tight", metadata={"Date": None})
-    return path
-
-
-def plot_reasr(curves: Mapping[str, Mapping[float, float]], path: Path, title: str = "", *,
-               colors: Mapping[str, str] | None = None, errors: Mapping[str, Mapping[float, float]] | None = None,
-               svg: bool = False) -> Path:
+def plot_reasr(curves: Mapping[str, Mapping[float, float]], title: str = "", *,
+               colors: Mapping[str, str] | None = None, errors: Mapping[str, Mapping[float, float]] | None = None) -> Figure:
     """One line per model (e.g. per defense): REASR (%) against the mask bound (% of the image area).
 
     Bounds may be floats or their JSON strings. ``colors``: a fixed colour per name; ``errors``:
@@ -90,7 +78,7 @@ def plot_reasr(curves: Mapping[str, Mapping[float, float]], path: Path, title: s
     if curves:
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
-    return _save(fig, path, svg)
+    return fig
 
 
 def _preview(mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -105,7 +93,7 @@ def _bound_index(bounds: tuple[float, ...], bound: float) -> int | None:
     return next((i for i, b in enumerate(bounds) if math.isclose(b, bound, rel_tol=1e-6)), None)
 
 
-def trigger_grid(results: Mapping[str, Triggers], path: Path, title: str = "", *, svg: bool = False) -> Path:
+def trigger_grid(results: Mapping[str, Triggers], title: str = "") -> Figure:
     """Rows: models (e.g. defenses); columns: bounds. Each cell shows the best candidate's
     reversed trigger stamped on grey, titled with its label and REASR. ``results`` hold
     ``ScanResult``s or ``StoredTriggers`` (what a cell stored)."""
@@ -133,7 +121,7 @@ def trigger_grid(results: Mapping[str, Triggers], path: Path, title: str = "", *
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path, svg)
+    return fig
 
 
 def _trigger_title(result: Triggers, bound: float) -> str:

@@ -64,7 +64,7 @@ def report(store: ResultStore, dataset: str, profile: str) -> list[str]:
                   "| attack | config | analysis | fine-tuning | analysis / fine-tuning |", "|---|---|---|---|---|"]
         for cell in none_cells:
             t = cell["details"]["timings"]
-            config = cell["config"].get("defense_config", cell["config"]) if isinstance(cell["config"], dict) else {}
+            config = cell["config"]["defense_config"]
             short = ", ".join(f"{k}={config[k]}" for k in ("max_reset_fraction", "finetune_lr", "rounds") if k in config)
             ratio = t["analysis_s"] / t["finetune_s"] if t.get("finetune_s") else float("nan")
             lines.append(f"| {cell['attack']} | {short} | {t['analysis_s']:.1f} s | {t['finetune_s']:.1f} s | {ratio:.1%} |")

@@ -88,6 +88,10 @@ def measure(label: str, model_name: str, images: ImageSet, info, device, repeats
     return row
 
 
+def cifar_sized_info():
+    return DATASETS.get("synthetic").info.__class__("cifar10-sized", 10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3, True)
+
+
 def standard_epoch_seconds(device) -> float | None:
     """One epoch of the standard profile's recipe on CIFAR-10-sized data (50 000 x 3x32x32),
     PreAct-ResNet18; only on a GPU (a CPU estimate would be a guess, not a measurement)."""
@@ -97,7 +101,7 @@ def standard_epoch_seconds(device) -> float | None:
 
     from bench.profiles import STANDARD
 
-    info = DATASETS.get("synthetic").info.__class__("cifar10-sized", 10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3, True)
+    info = cifar_sized_info()
     images, _ = make_synthetic(50_000, 0, 10, 3, 32)
     recipe = replace(STANDARD.train, epochs=2)  # the first epoch pays cuDNN autotuning and allocator warm-up
     torch.manual_seed(0)
@@ -121,7 +125,7 @@ def main() -> None:
     info, train_set, _ = load_dataset("fashion-mnist")
     fashion = train_set.subset(torch.arange(min(args.samples, len(train_set))))
     rows.append(measure("small-cnn, Fashion-MNIST 28x28x1", "small-cnn", fashion, info, device, args.repeats, args.batch_size, args.workers))
-    cifar_like = DATASETS.get("synthetic").info.__class__("cifar-like", 10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3, True)
+    cifar_like = cifar_sized_info()
     images, _ = make_synthetic(min(args.samples, 2048) if device.type == "cpu" else args.samples, 0, 10, 3, 32)
     rows.append(measure("preact-resnet18, synthetic 32x32x3", "preact-resnet18", images, cifar_like, device, args.repeats,
                         args.batch_size, args.workers))

@@ -73,10 +73,11 @@ def test_linear_model_known_trigger(tmp_path, one_thread):
     again = scan(model, images, info, config)
     assert torch.equal(again.masks, result.masks) and again.reasr == result.reasr
     # The report's figures render from a result and from its JSON form.
+    from bench.report.figures import save
     from bench.scan_figures import plot_reasr, trigger_grid
 
-    curve = plot_reasr({"linear": result.reasr, "json": result.to_json()["reasr"]}, tmp_path / "reasr.png")
-    grid = trigger_grid({"linear": result}, tmp_path / "grid.png")
+    curve = save(plot_reasr({"linear": result.reasr, "json": result.to_json()["reasr"]}), tmp_path / "reasr", "").png
+    grid = save(trigger_grid({"linear": result}), tmp_path / "grid", "").png
     assert curve.stat().st_size > 1000 and grid.stat().st_size > 1000
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.report.collect import ReportData, Setup, aggregate, lookup, status_of
-from bench.report.figures import FigureFile, _slug, style
+from bench.report.figures import FigureFile, _slug, save, style
 from bench.report.tables import DASH, entry_text, fmt_stat, markdown_table, partial_note
 
 SCAN_FILE = "scan.safetensors"
@@ -56,18 +56,9 @@ def with_scan_columns(cells: pd.DataFrame) -> tuple[pd.DataFrame, list[float]]:
     values = [per_bound(d) for d in cells["details"]]
     bounds = sorted({b for v in values for b in v})
     columns = {bound_column(b): [v.get(b, math.nan) for v in values] for b in bounds}
-    # the stored max (metrics["reasr"]) is what the exports hold; the summary's only when it is missing
-    columns[MAX] = [stored if not math.isnan(stored) else (max(v.values()) if v else math.nan)
-                    for stored, v in zip(cells["reasr"], values)]
-    columns[MEAN] = [_mean(d, v) for d, v in zip(cells["details"], values)]
+    columns[MAX] = list(cells["reasr"])  # as the exports hold it
+    columns[MEAN] = [float((scan_of(d) or {}).get("mean_reasr", math.nan)) for d in cells["details"]]
     return cells.assign(**columns), bounds
-
-
-def _mean(details, values: dict[float, float]) -> float:
-    stored = (scan_of(details) or {}).get("mean_reasr")
-    if stored is not None:
-        return float(stored)
-    return sum(values.values()) / len(values) if values else math.nan
 
 
 def scanned_attacks(setup: Setup) -> list[str]:
@@ -109,11 +100,10 @@ def curve_figure(cells: pd.DataFrame, bounds: list[float], palette: dict[str, st
             errors[record["defense"]] = {b: record[f"{bound_column(b)}_std"] for b in points}
     if not curves:
         return None
-    png = stem.parent / f"{stem.name}.png"
+    title = f"REASR vs trigger size bound — {attack}"
     with style():
-        plot_reasr(curves, png, f"REASR vs trigger size bound — {attack}", colors=palette, errors=errors, svg=True)
-    return FigureFile(f"REASR vs trigger size bound — {attack}", png, png.with_suffix(".svg"),
-                      "mean over seeds, error bars: std; lower is better")
+        return save(plot_reasr(curves, title, colors=palette, errors=errors), stem, title,
+                    "mean over seeds, error bars: std; lower is better")
 
 
 def load_triggers(directory: Path, scan: dict):
@@ -159,12 +149,11 @@ def trigger_figure(cells: pd.DataFrame, root: Path, attack: str, stem: Path) -> 
             notes.append(f"reversed triggers of {defense} on {attack} not drawn: {'; '.join(reasons)}")
     if not rows:
         return None, notes
-    png = stem.parent / f"{stem.name}.png"
     with style():
-        trigger_grid(rows, png, svg=True)
-    return FigureFile(f"Reversed triggers — {attack}", png, png.with_suffix(".svg"),
+        figure = save(trigger_grid(rows), stem, f"Reversed triggers — {attack}",
                       "the best candidate's trigger per size bound, stamped on mid-grey; title: bound, label y and "
-                      "REASR of that seed"), notes
+                      "REASR of that seed")
+    return figure, notes
 
 
 def collect(data: ReportData, setup: Setup, figure_dir: Path, prefix: str,
