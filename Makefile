@@ -68,7 +68,7 @@ list: venv
 
 # Figures, not assertions: appends dated, machine-labelled tables to BENCHMARKS.md.
 perf: venv setup
-	$(PY) benchmarks/throughput.py --out BENCHMARKS.md
+	$(PY) benchmarks/throughput.py --compile --out BENCHMARKS.md
 	$(PY) benchmarks/grid_cost.py --store $(STORE) --dataset $(DATASET) --profile $(PROFILE) --out BENCHMARKS.md
 
 readme: venv

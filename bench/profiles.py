@@ -58,7 +58,8 @@ QUICK = _define(Profile(
     finetune=TrainConfig(epochs=5, batch_size=128, lr=0.01, schedule="cosine"),
     # NONE's presets fine-tune 20 (40 natural) epochs; the CPU budget keeps them to the profile's 5.
     defense_defaults={"none": {"finetune_epochs": 5}, "none@benign": {"rounds": 3}},
-    # ~0.65 s per step on 2 CPU cores (6 bounds x 10 labels x 50 images per step): ~100 s per scan.
+    # 6 bounds x 10 labels x 50 images per step: ~1.7 s per step, ~260 s per scan on 2 idle CPU cores
+    # (measured 2026-12-01), so the benign row's 10 scans add ~45 min to the grid.
     scan={"steps": 100, "refine_steps": 50, "images_per_class": 5, "eval_images_per_class": 50},
 ))
 

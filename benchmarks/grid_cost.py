@@ -7,8 +7,10 @@ Prints, for one dataset and profile:
 - each attack stage's time (training the undefended model, poisoning, evaluation);
 - each defense's cell time (defense + evaluation + REASR scan where one ran), median over attacks;
 - NONE's analysis (collect, score, select, flag, reset) against its fine-tuning, per cell;
+- every (attack, defense) cell's time, as a table;
 - the default grid (every registered attack x every registered defense) as measured where the
-  store has the cell and projected from that defense's median elsewhere, each marked as such.
+  store has the cell and projected from that defense's median elsewhere, each marked as such,
+  and the elapsed wall clock from the first start to the last finish the store recorded.
 """
 from __future__ import annotations
 
@@ -40,6 +42,14 @@ def collect(store: ResultStore, dataset: str, profile: str) -> tuple[dict[str, f
     return stages, {key: statistics.median(values) for key, values in per_cell.items()}, none_cells
 
 
+def elapsed(store: ResultStore, dataset: str, profile: str) -> float | None:
+    """First start to last finish over the profile's stages and cells: a grid's wall clock when it ran in one go
+    (gaps between runs count too, so it is only that when the store holds one run)."""
+    rows = [r for r in store.stages(dataset) + store.cells(dataset) if r["profile"] == profile and r.get("started")]
+    finished = [r["finished"] for r in rows if r.get("finished")]
+    return max(finished) - min(r["started"] for r in rows) if finished else None
+
+
 def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
@@ -59,6 +69,14 @@ def report(store: ResultStore, dataset: str, profile: str) -> list[str]:
         if d in by_defense:
             v = by_defense[d]
             lines.append(f"| {d} | {DEFENSES.get(d).kind} | {minutes(median[d])} | {minutes(min(v))} | {minutes(max(v))} | {len(v)} |")
+    present = [a for a in attacks if a in stages or any(key[0] == a for key in cells)]
+    if present:
+        lines += ["", "#### Each cell (defense + evaluation + scan; the stage column: training the undefended model)", "",
+                  "| attack | stage | " + " | ".join(defenses) + " |", "|---" * (len(defenses) + 2) + "|"]
+        for a in present:
+            row = [minutes(stages[a]) if a in stages else "—"]
+            row += [minutes(cells[(a, d)]) if (a, d) in cells else "—" for d in defenses]
+            lines.append(f"| {a} | " + " | ".join(row) + " |")
     if none_cells:
         lines += ["", "#### NONE: analysis vs fine-tuning", "",
                   "| attack | config | analysis | fine-tuning | analysis / fine-tuning |", "|---|---|---|---|---|"]
@@ -90,6 +108,10 @@ def report(store: ResultStore, dataset: str, profile: str) -> list[str]:
               f"- total: **{minutes(measured + projected)}**"]
     if unknown:
         lines.append(f"- never measured, not counted: {', '.join(unknown)}")
+    wall = elapsed(store, dataset, profile)
+    if wall is not None:
+        lines.append(f"- elapsed in the store, first start to last finish (data loading and checkpoints included, "
+                     f"the report not; pauses between runs too): {minutes(wall)}")
     return lines
 
 
