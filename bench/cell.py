@@ -230,12 +230,18 @@ def _train_config(data: dict) -> engine.TrainConfig:
     return build_config(engine.TrainConfig, data)
 
 
+def wall_span(started_at: float) -> dict[str, float]:
+    """When the work ran (epoch seconds), kept in the result: a resumed grid that reuses the
+    artifact records when it was made, not when it was found again."""
+    return {"started": started_at, "finished": time.time()}
+
+
 def run_attack_stage(spec: StageSpec, ws: Workspace) -> dict:
     """Train the undefended model of a stage (or return the cached one's result)."""
     directory = ws.stage_dir(spec)
     if is_complete(directory):
         return read_result(directory)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     info, reserve, train, test = ws.split(spec)
     attack = ws.attack(spec)
     ctx = AttackContext(
@@ -277,7 +283,8 @@ def run_attack_stage(spec: StageSpec, ws: Workspace) -> dict:
         timings["total_s"] = round(time.perf_counter() - started, 3)
         result = {"id": spec.id, "spec": dataclasses.asdict(spec), "metrics": result_metrics, "timings": timings,
                   "peak_memory_mb": peak_memory_mb(ws.device), "environment": environment(ws.device),
-                  "details": {"requested_poison_rate": poisoned.requested_rate, **attack.details()}}
+                  "details": {"requested_poison_rate": poisoned.requested_rate, **attack.details()},
+                  "wall": wall_span(started_at)}
         writer.commit(result)
     except BaseException:
         writer.discard()
@@ -318,6 +325,7 @@ def run_defense_cell(spec: CellSpec, ws: Workspace) -> dict:
     triggered = ws.triggered(stage, attack, test)
     defense_cls = DEFENSES.get(spec.defense)
     defense: Defense = defense_cls(build_config(defense_cls.Config, spec.defense_config), stage.seed)
+    started_at = time.time()
     writer = ArtifactWriter(directory)
     try:
         ctx = DefenseContext(
@@ -364,7 +372,7 @@ def run_defense_cell(spec: CellSpec, ws: Workspace) -> dict:
                   "timings": {"attack_s": stage_result["timings"].get("total_s"), "defense_s": defense_s, "eval_s": eval_s,
                               **({"scan_s": scan_s} if scan_s is not None else {})},
                   "peak_memory_mb": peak_memory_mb(ws.device), "environment": environment(ws.device),
-                  "details": outcome.details}
+                  "details": outcome.details, "wall": wall_span(started_at)}
         writer.commit(result)
     except BaseException:
         writer.discard()

@@ -73,9 +73,11 @@ class ResultStore:
              json.dumps(_stage_config(spec), sort_keys=True), time.time()))
 
     def stage_done(self, stage_id: str, result: dict) -> None:
-        self._write("UPDATE stages SET status='done', error=NULL, metrics=?, timings=?, environment=?, finished=? WHERE id=?",
+        started, finished = _wall(result)
+        self._write("UPDATE stages SET status='done', error=NULL, metrics=?, timings=?, environment=?, "
+                    "started=COALESCE(?, started), finished=? WHERE id=?",
                     (json.dumps(result["metrics"]), json.dumps(result["timings"]),
-                     json.dumps(result.get("environment", {})), time.time(), stage_id))
+                     json.dumps(result.get("environment", {})), started, finished, stage_id))
 
     def stage_failed(self, stage_id: str, error: str) -> None:
         self._write("UPDATE stages SET status='failed', error=?, finished=? WHERE id=?", (error, time.time(), stage_id))
@@ -96,9 +98,11 @@ class ResultStore:
              time.time()))
 
     def cell_done(self, cell_id: str, result: dict) -> None:
-        self._write("UPDATE cells SET status='done', error=NULL, metrics=?, timings=?, environment=?, details=?, finished=? WHERE id=?",
+        started, finished = _wall(result)
+        self._write("UPDATE cells SET status='done', error=NULL, metrics=?, timings=?, environment=?, details=?, "
+                    "started=COALESCE(?, started), finished=? WHERE id=?",
                     (json.dumps(result["metrics"]), json.dumps(result["timings"]), json.dumps(result.get("environment", {})),
-                     json.dumps(result.get("details", {}), default=str), time.time(), cell_id))
+                     json.dumps(result.get("details", {}), default=str), started, finished, cell_id))
 
     def cell_failed(self, cell_id: str, error: str) -> None:
         self._write("UPDATE cells SET status='failed', error=?, finished=? WHERE id=?", (error, time.time(), cell_id))
@@ -147,3 +151,10 @@ def _decode(row: sqlite3.Row) -> dict[str, Any]:
         if key in record and record[key] is not None:
             record[key] = json.loads(record[key])
     return record
+
+
+def _wall(result: dict) -> tuple[float | None, float]:
+    """(started, finished) of the work behind a result: its own record when it has one (a reused
+    artifact keeps the time it was made); otherwise now, with the start the running row set."""
+    wall = result.get("wall")
+    return (wall["started"], wall["finished"]) if wall else (None, time.time())

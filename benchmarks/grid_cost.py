@@ -10,7 +10,8 @@ Prints, for one dataset and profile:
 - every (attack, defense) cell's time, as a table;
 - the default grid (every registered attack x every registered defense) as measured where the
   store has the cell and projected from that defense's median elsewhere, each marked as such,
-  and the elapsed wall clock from the first start to the last finish the store recorded.
+  and the wall clock from first start to last finish of each run the store recorded (a grid
+  stopped and resumed is several runs; the pause between them is not counted).
 """
 from __future__ import annotations
 
@@ -42,12 +43,24 @@ def collect(store: ResultStore, dataset: str, profile: str) -> tuple[dict[str, f
     return stages, {key: statistics.median(values) for key, values in per_cell.items()}, none_cells
 
 
-def elapsed(store: ResultStore, dataset: str, profile: str) -> float | None:
-    """First start to last finish over the profile's stages and cells: a grid's wall clock when it ran in one go
-    (gaps between runs count too, so it is only that when the store holds one run)."""
-    rows = [r for r in store.stages(dataset) + store.cells(dataset) if r["profile"] == profile and r.get("started")]
-    finished = [r["finished"] for r in rows if r.get("finished")]
-    return max(finished) - min(r["started"] for r in rows) if finished else None
+PAUSE_S = 600.0  # a gap longer than any cell's setup: the grid was stopped and resumed later
+
+
+def runs(rows: list[dict], pause_s: float = PAUSE_S) -> list[tuple[float, float]]:
+    """(first start, last finish) of each run in the rows: a resumed grid is several runs, split where
+    nothing ran for more than ``pause_s``, so the time it stood stopped is not counted as its cost."""
+    spans = sorted((r["started"], r["finished"]) for r in rows if r.get("started") is not None and r.get("finished") is not None)
+    merged: list[list[float]] = []
+    for start, finish in spans:
+        if merged and start - merged[-1][1] <= pause_s:
+            merged[-1][1] = max(merged[-1][1], finish)
+        else:
+            merged.append([start, finish])
+    return [(start, finish) for start, finish in merged]
+
+
+def profile_rows(store: ResultStore, dataset: str, profile: str) -> list[dict]:
+    return [r for r in store.stages(dataset) + store.cells(dataset) if r["profile"] == profile]
 
 
 def minutes(seconds: float) -> str:
@@ -108,10 +121,13 @@ def report(store: ResultStore, dataset: str, profile: str) -> list[str]:
               f"- total: **{minutes(measured + projected)}**"]
     if unknown:
         lines.append(f"- never measured, not counted: {', '.join(unknown)}")
-    wall = elapsed(store, dataset, profile)
-    if wall is not None:
-        lines.append(f"- elapsed in the store, first start to last finish (data loading and checkpoints included, "
-                     f"the report not; pauses between runs too): {minutes(wall)}")
+    spans = runs(profile_rows(store, dataset, profile))
+    if spans:
+        each = ", ".join(f"{minutes(finish - start)} (from {datetime.datetime.fromtimestamp(start):%Y-%m-%d %H:%M})"
+                         for start, finish in spans)
+        lines.append(f"- wall clock in the store, first start to last finish of each run (data loading and checkpoints "
+                     f"included, the report not; pauses over {PAUSE_S / 60:.0f} min split runs): "
+                     f"**{minutes(sum(finish - start for start, finish in spans))}** in {len(spans)} run(s): {each}")
     return lines
 
 

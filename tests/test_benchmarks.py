@@ -67,8 +67,19 @@ def test_measured_projected_and_per_cell_table(grid_cost, store):
     assert "never measured, not counted" in text  # e.g. defenses run on no attack at all
 
 
-def test_elapsed_spans_first_start_to_last_finish(grid_cost, store):
-    rows = store.stages("synthetic") + store.cells("synthetic")
+def test_wall_clock_of_one_run_spans_first_start_to_last_finish(grid_cost, store):
+    rows = grid_cost.profile_rows(store, "synthetic", "smoke")
     expected = max(r["finished"] for r in rows) - min(r["started"] for r in rows)
-    assert grid_cost.elapsed(store, "synthetic", "smoke") == pytest.approx(expected)
-    assert grid_cost.elapsed(store, "synthetic", "quick") is None  # no rows of that profile
+    (start, finish), = grid_cost.runs(rows)
+    assert finish - start == pytest.approx(expected)
+    assert grid_cost.profile_rows(store, "synthetic", "quick") == []  # no rows of that profile
+    assert any(line.startswith("- wall clock in the store") and "in 1 run(s)" in line for line in grid_cost.report(store, "synthetic", "smoke"))
+
+
+def test_a_resumed_grid_is_two_runs_and_the_pause_is_not_counted(grid_cost):
+    hour = 3600.0
+    rows = [{"started": 0.0, "finished": 100.0}, {"started": 90.0, "finished": 200.0},  # overlapping (Ray)
+            {"started": 200.0 + grid_cost.PAUSE_S, "finished": 300.0 + grid_cost.PAUSE_S},  # a short gap: same run
+            {"started": 5 * hour, "finished": 5 * hour + 50.0},  # resumed hours later
+            {"started": 5 * hour + 60.0, "finished": None}]  # running or failed without a finish: not counted
+    assert grid_cost.runs(rows) == [(0.0, 300.0 + grid_cost.PAUSE_S), (5 * hour, 5 * hour + 50.0)]

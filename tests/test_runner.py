@@ -37,6 +37,11 @@ def cells(store: Path) -> dict[str, tuple[str, float | None]]:
         return {row[0]: (row[1], row[2]) for row in conn.execute("SELECT id, status, finished FROM cells")}
 
 
+def stage_spans(store: Path) -> dict[str, tuple[float, float]]:
+    with sqlite3.connect(store) as conn:
+        return {row[0]: (row[1], row[2]) for row in conn.execute("SELECT id, started, finished FROM stages WHERE status='done'")}
+
+
 def test_readme_defense_runs_as_plugin_file_next_to_builtins(tmp_path):
     plugin = tmp_path / "reserve_finetune.py"
     plugin.write_text(readme_example_defense())
@@ -91,12 +96,17 @@ def test_kill_mid_grid_then_rerun_finishes_without_redoing(tmp_path):
     process.wait()
     after_kill = cells(store)
     assert 0 < sum(s == "done" for s, _ in after_kill.values()) < 8
+    stages_before = stage_spans(store)
+    assert stages_before
     bench("--plugin", str(plugin), "run", *FAST, "--attacks", "badnets,benign", "--defenses", "undefended,reserve-finetune",
           "--seeds", "0,1", "--store", str(store))
     final = cells(store)
     assert len(final) == 8 and all(status == "done" for status, _ in final.values())
     for cell_id, finished in done_before.items():
         assert final[cell_id][1] == finished, "a finished cell was redone"
+    stages_after = stage_spans(store)
+    for stage_id, span in stages_before.items():  # reused from its artifact: it still says when it was trained
+        assert stages_after[stage_id] == span, "a reused stage's wall clock was overwritten"
     with sqlite3.connect(store) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
