@@ -20,7 +20,11 @@ class InputAwareConfig(AttackConfig):
     cross_rate: float = 0.1        # fraction of the training set that gets cross triggers (true label kept)
     lambda_div: float = 1.0        # weight of the diversity loss
     mask_density: float = 0.032    # mask values above this are penalised while the mask generator is fitted
-    lambda_norm: float = 100.0     # weight of that mask-size penalty
+    lambda_norm: float = 100.0     # weight of that mask-size penalty (and of the floor below)
+    # Every image's mask must cover at least this fraction of the image (0: no floor). Without it the
+    # fit can leave images with an empty mask, which no classifier can learn a trigger from. On the
+    # synthetic set (seed 0), 0.016 gave ASR 76% and 0.024 gave 94% (0.032: 89%); see the smoke test.
+    mask_floor: float = 0.024
     mask_epochs: int = 25          # epochs that fit the mask generator before the joint training
     mask_lr: float = 0.01          # Adam step size of the mask-generator fit
     generator_lr: float = 0.01     # Adam step size of the pattern generator in the joint training
@@ -32,6 +36,8 @@ class InputAwareConfig(AttackConfig):
         super().__post_init__()
         if not 0.0 <= self.cross_rate <= 1.0 or self.poison_rate + self.cross_rate > 1.0:
             raise ValueError("cross_rate must be in [0, 1] and poison_rate + cross_rate <= 1")
+        if not 0.0 <= self.mask_floor <= self.mask_density:
+            raise ValueError("mask_floor must be in [0, mask_density]")
         if self.mask_epochs < 0 or (self.width is not None and self.width < 1) or self.generator_lr <= 0 or self.mask_lr <= 0:
             raise ValueError("mask_epochs must be >= 0, width >= 1 and the learning rates positive")
 
@@ -92,7 +98,10 @@ class InputAware(Attack):
     The attacker controls training, as in the paper (inside ``train_model``, on ``engine.train``):
     1. The mask generator m is fitted alone for ``mask_epochs`` with the diversity loss on
        (thresholded) masks plus ``lambda_norm`` * mean(relu(m(x) - mask_density)), which keeps
-       masks small (Adam, lr x0.1 every 10 epochs, as in the paper).
+       masks small (Adam, lr x0.1 every 10 epochs, as in the paper), and our addition, a floor: each
+       image's mask must cover at least ``mask_floor`` of the image (the paper's loss allows an
+       empty mask, and an image without a trigger cannot be attacked; synthetic smoke set, seed 0:
+       ASR 69.6% without the floor, 94.1% with it).
     2. The classifier and the pattern generator g are trained jointly in one loop (the
        classifier with the stage's recipe, g with Adam as in the paper, on the same schedule;
        m frozen and thresholded). Each batch draws its roles afresh: a ``poison_rate`` share
@@ -100,6 +109,8 @@ class InputAware(Attack):
        generated from another image of the batch and keeps its true label (so a trigger
        only works on the image it was made for), the rest stays clean. The loss is
        cross-entropy plus ``lambda_div`` x the diversity loss ||x1 - x2|| / ||g(x1) - g(x2)||.
+    After each of the two trainings, the generator's BatchNorm statistics are recomputed on the
+    clean training set, since the generators are used in eval mode from then on.
 
     What the attacker delivers (``poison``) is the training set with a ``transform`` that
     stamps the final generators' triggers, per batch, on fixed recorded sets: the
@@ -113,7 +124,7 @@ class InputAware(Attack):
     """
 
     Config = InputAwareConfig
-    version = "2"  # 2: mask fit on normalised image distances, with the paper's step schedule
+    version = "3"  # 2: mask fit on normalised image distances, with the paper's step schedule; 3: mask floor, BatchNorm recalibration
     trigger_trained_with_model = True
 
     def __init__(self, config: InputAwareConfig, info, seed: int) -> None:
@@ -204,12 +215,21 @@ class InputAware(Attack):
             mean = torch.tensor(ctx.info.mean, device=ctx.device).view(1, -1, 1, 1)
             std = torch.tensor(ctx.info.std, device=ctx.device).view(1, -1, 1, 1)
 
+            floor_pixels = max(1, round(cfg.mask_floor * ctx.info.side ** 2)) if cfg.mask_floor > 0 else 0
+
             def mask_loss(mask_generator: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-                masks = threshold(mask_generator(x))
+                raw = mask_generator(x)
+                masks = threshold(raw)
                 size = F.relu(masks - cfg.mask_density).mean()
                 # Image distances in the classifier's normalised units, as the paper measures them:
                 # masks are in [0, 1], so this scale sets how large masks grow against lambda_norm.
-                return cfg.lambda_div * diversity_loss((x - mean) / std, masks) + cfg.lambda_norm * size
+                loss = cfg.lambda_div * diversity_loss((x - mean) / std, masks) + cfg.lambda_norm * size
+                if floor_pixels:
+                    # The floor acts before the threshold, whose gradient vanishes on an empty mask: each
+                    # image's floor_pixels-th largest raw value is pushed over 0.6 (thresholded: 0.98).
+                    kth = raw.flatten(1).topk(floor_pixels, dim=1).values[:, -1]
+                    loss = loss + cfg.lambda_norm * F.relu(0.6 - kth).mean()
+                return loss
 
             # The paper's schedule for the mask generator: Adam, lr x0.1 after epochs 10 and 20 (of 25).
             # At a constant lr the fit can diverge late: on the synthetic set (width 8, seed 0) masks jumped
@@ -218,6 +238,9 @@ class InputAware(Attack):
                                   weight_decay=0.0, schedule="step", step_epochs=10, step_gamma=0.1)
             mask_history = engine.train(self.mask_generator, clean, mask_recipe, ctx.info, seed=ctx.seed + 1,
                                         loss_fn=mask_loss, desc="attack input-aware: mask generator")
+            # Measured on the synthetic set (width 8, 10 epochs at a constant lr): with the running
+            # statistics the fit left, 27% of the masks were empty in eval mode against 0% in train mode.
+            engine.recalibrate_batchnorm(self.mask_generator, clean.x)
         self.mask_generator.eval()
         for parameter in self.mask_generator.parameters():
             parameter.requires_grad_(False)
@@ -252,7 +275,7 @@ class InputAware(Attack):
         history = engine.train(model, clean, ctx.train_config, ctx.info, seed=ctx.seed, loss_fn=joint_loss,
                                batch_hook=draw_roles, extra_optimizers=[generator_optimizer],
                                on_epoch_end=self._eval_mode_callback(ctx.on_epoch_end), desc="attack input-aware")
-        self.pattern_generator.eval()
+        engine.recalibrate_batchnorm(self.pattern_generator, clean.x)
         with torch.no_grad():
             probe = clean.x[: min(len(clean), 512)].float() / 255
             self.mask_fraction = round(float(threshold(self.mask_generator(probe)).mean()), 4)

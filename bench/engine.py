@@ -70,6 +70,19 @@ def set_bn_eval(model: nn.Module) -> None:
             module.eval()
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> None:
+    """Set every BatchNorm's running statistics to their averages over ``x`` (uint8 or [0, 1] float
+    images; each batch weighs the same). Running averages lag behind weights that are still moving when training stops
+    at a high learning rate, and a module that is used in eval mode then behaves unlike the one
+    that was trained."""
+    device = next(model.parameters()).device
+    batches = (x[start:start + batch_size].to(device) for start in range(0, len(x), batch_size))
+    torch.optim.swa_utils.update_bn((b.float().div_(255) if b.dtype == torch.uint8 else b.float() for b in batches),
+                                    model, device=device)
+    model.eval()
+
+
 def train(
     model: nn.Module,
     data: ImageSet,

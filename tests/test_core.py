@@ -135,6 +135,21 @@ def test_nonfinite_loss_fails_loudly():
               loss_fn=lambda m, x, y, i: m(x).sum() * float("nan"))
 
 
+def test_batchnorm_recalibration_sets_the_exact_data_statistics():
+    from torch import nn
+
+    from bench.engine import recalibrate_batchnorm
+
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    model[0].running_mean.fill_(5.0)  # stale statistics, as a fit that stops at a high lr leaves them
+    x = (torch.rand(256, 3, 4, 4) * 255).to(torch.uint8)
+    recalibrate_batchnorm(model, x, batch_size=128)
+    pixels = x.float().div(255).permute(1, 0, 2, 3).flatten(1)  # (channels, all pixels)
+    torch.testing.assert_close(model[0].running_mean, pixels.mean(1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(model[0].running_var, pixels.var(1), atol=2e-3, rtol=0)  # mean of batch variances
+    assert model[0].momentum == 0.1 and not model.training  # the module is left as it was configured, in eval mode
+
+
 def test_augmentation_keeps_shape_and_shifts():
     from bench.data.augment import augment
 
