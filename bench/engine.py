@@ -70,16 +70,20 @@ def set_bn_eval(model: nn.Module) -> None:
             module.eval()
 
 
+def _unit_float_batches(x: torch.Tensor, batch_size: int, device: torch.device):
+    """uint8 or [0, 1] float images as [0, 1] float batches on ``device``."""
+    for start in range(0, len(x), batch_size):
+        batch = x[start:start + batch_size].to(device)
+        yield batch.float().div_(255) if batch.dtype == torch.uint8 else batch.float()
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> None:
-    """Set every BatchNorm's running statistics to their averages over ``x`` (uint8 or [0, 1] float
-    images; each batch weighs the same). Running averages lag behind weights that are still moving when training stops
-    at a high learning rate, and a module that is used in eval mode then behaves unlike the one
-    that was trained."""
-    device = next(model.parameters()).device
-    batches = (x[start:start + batch_size].to(device) for start in range(0, len(x), batch_size))
-    torch.optim.swa_utils.update_bn((b.float().div_(255) if b.dtype == torch.uint8 else b.float() for b in batches),
-                                    model, device=device)
+    """Set every BatchNorm's running statistics to their averages over ``x`` (uint8 or [0, 1]
+    float images; each batch weighs the same). Running averages lag behind weights that are still
+    moving when training stops at a high learning rate, and a module used in eval mode then
+    behaves unlike the one that was trained."""
+    torch.optim.swa_utils.update_bn(_unit_float_batches(x, batch_size, next(model.parameters()).device), model)
     model.eval()
 
 
@@ -184,9 +188,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024, *, amp: b
     was_training = model.training
     model.eval()
     outputs = []
-    for start in range(0, len(x), batch_size):
-        batch = x[start:start + batch_size].to(device)
-        batch = batch.float().div_(255) if batch.dtype == torch.uint8 else batch.float()
+    for batch in _unit_float_batches(x, batch_size, device):
         with autocast(device, amp):
             outputs.append(model(batch.contiguous(memory_format=memory_format(device))).argmax(1))
     model.train(was_training)
