@@ -12,16 +12,20 @@ MODEL ?=
 SEEDS ?= 0
 STORE ?= runs/bench.sqlite
 OVERRIDES ?=
+PLUGINS ?=
+comma := ,
 
-RUN_ARGS = --dataset $(DATASET) --profile $(PROFILE) --seeds $(SEEDS) --store $(STORE) \
+RUN_ARGS = $(foreach p,$(subst $(comma), ,$(PLUGINS)),--plugin $(p)) \
+	--dataset $(DATASET) --profile $(PROFILE) --seeds $(SEEDS) --store $(STORE) \
 	$(if $(ATTACKS),--attacks $(ATTACKS)) $(if $(DEFENSES),--defenses $(DEFENSES)) $(if $(MODEL),--model $(MODEL)) \
 	$(foreach o,$(OVERRIDES),-o $(o))
 
-.PHONY: help setup venv test test-all bench report list readme perf clean
+.PHONY: help setup venv test test-all test-bounds bench report list readme perf clean
 
 help:
-	@echo "make bench [DATASET=fashion-mnist] [PROFILE=quick] [ATTACKS=a,b] [DEFENSES=c,d] [MODEL=m] [SEEDS=0,1] [OVERRIDES='defense.none.finetune_lr=1e-2']"
+	@echo "make bench [DATASET=fashion-mnist] [PROFILE=quick] [ATTACKS=a,b] [DEFENSES=c,d] [MODEL=m] [SEEDS=0,1] [OVERRIDES='defense.none.finetune_lr=1e-2'] [PLUGINS=a.py,b.py]"
 	@echo "make test        the test suite (CPU, no network)"
+	@echo "make test-bounds trained tests' statistics over seeds, threads and CPU kernels, against their bounds (~1 h)"
 	@echo "make report      reports/<dataset>/ from the results store"
 	@echo "make list        every dataset, model, attack, defense and profile"
 	@echo "make setup       the virtual environment and, where apt-get works, Debian's Fashion-MNIST"
@@ -57,11 +61,18 @@ test: venv $(VENV)/.ray
 test-all: venv $(VENV)/.ray
 	$(PY) -m pytest -q -m ""
 
+# Seeds 0-2 with 1 thread (two runs at once), then with 2 threads; AVX-512 and AVX2 kernels.
+test-bounds: venv
+	rm -rf runs/bounds
+	$(PY) benchmarks/trained_bounds.py --threads 1 --jobs 2 --records runs/bounds > /dev/null
+	$(PY) benchmarks/trained_bounds.py --threads 2 --records runs/bounds > /dev/null
+	$(PY) benchmarks/trained_bounds.py --table-only --records runs/bounds
+
 bench: venv $(if $(filter fashion-mnist,$(DATASET)),setup)
-	$(PY) -m bench run $(RUN_ARGS)
+	$(PY) -m bench run $(RUN_ARGS) --reports reports
 
 report: venv
-	$(PY) -m bench report --store $(STORE)
+	$(PY) -m bench report --store $(STORE) --out reports
 
 list: venv
 	$(PY) -m bench list

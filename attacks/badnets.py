@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.attack import Attack, AttackConfig
+from bench.config import require
 from bench.registry import register_attack
 
 
@@ -17,6 +18,10 @@ def scaled_trigger_side(image_side: int, side_at_32: int = 3) -> int:
 class BadNetsConfig(AttackConfig):
     size: int | None = None  # trigger side in pixels; None = 3 px at 32x32, scaled with the image
     value: float = 1.0       # pixel value of the square (1.0 = white)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self, size=">= 1", value="[0, 1]")
 
 
 @register_attack("badnets")

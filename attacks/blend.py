@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.attack import Attack, AttackConfig
+from bench.config import require
 from bench.registry import register_attack
 
 
@@ -14,8 +15,7 @@ class BlendConfig(AttackConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+        require(self, alpha="(0, 1]")
 
 
 @register_attack("blend")

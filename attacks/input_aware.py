@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import engine
+from bench.device import memory_format
 from bench.attack import Attack, AttackConfig, AttackContext, Poisoned
 from bench.data.base import ImageSet
+from bench.config import require
 from bench.registry import BenchError, register_attack
 
 EPSILON = 1e-7
@@ -34,12 +36,12 @@ class InputAwareConfig(AttackConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.cross_rate <= 1.0 or self.poison_rate + self.cross_rate > 1.0:
-            raise ValueError("cross_rate must be in [0, 1] and poison_rate + cross_rate <= 1")
-        if not 0.0 <= self.mask_floor <= self.mask_density:
+        require(self, cross_rate="[0, 1]", lambda_div=">= 0", mask_density="(0, 1]", lambda_norm=">= 0",
+                mask_floor="[0, 1]", mask_epochs=">= 0", mask_lr="> 0", generator_lr="> 0", width=">= 1")
+        if self.poison_rate + self.cross_rate > 1.0:
+            raise ValueError("poison_rate + cross_rate must be <= 1")
+        if self.mask_floor > self.mask_density:
             raise ValueError("mask_floor must be in [0, mask_density]")
-        if self.mask_epochs < 0 or (self.width is not None and self.width < 1) or self.generator_lr <= 0 or self.mask_lr <= 0:
-            raise ValueError("mask_epochs must be >= 0, width >= 1 and the learning rates positive")
 
 
 def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
@@ -142,8 +144,11 @@ class InputAware(Attack):
 
     # --- the trigger -------------------------------------------------------------------
     def _generators_to(self, device: torch.device) -> None:
-        self.pattern_generator.to(device)
-        self.mask_generator.to(device)
+        # One weight layout wherever the generators run: convolutions round differently in
+        # channels_last (the engine's) and contiguous (a fresh module's) layouts, and a reloaded
+        # attack must stamp bit for bit the trigger the stage trained with.
+        for generator in (self.pattern_generator, self.mask_generator):
+            generator.to(device=device, memory_format=memory_format(device))
 
     def stamp(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """The trigger generated from ``source`` stamped on ``x`` (source is x, or another image for cross samples)."""

@@ -8,6 +8,7 @@ import torch
 from bench import progress
 from bench.attack import Attack, AttackConfig, Poisoned, to_uint8
 from bench.data.base import ImageSet
+from bench.config import require
 from bench.registry import register_attack
 
 
@@ -19,6 +20,7 @@ class SIGConfig(AttackConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require(self, delta="(0, 1]", test_delta="(0, 1]", frequency="> 0")
         if self.target_mode == "all-to-all":
             # Checked in the config so a grid with this setting fails before any training.
             raise ValueError("sig is clean-label: it cannot be all-to-all (a sample would need "

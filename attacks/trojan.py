@@ -5,11 +5,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bench.attack import Attack, AttackConfig, AttackContext
 from bench.data.base import ImageSet
+from bench.config import require
 from bench.registry import BenchError, register_attack
 
 
@@ -26,8 +26,7 @@ class TrojanConfig(AttackConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.neurons < 1 or self.steps < 0 or self.batch_size < 1:
-            raise ValueError("neurons and batch_size must be >= 1 and steps >= 0")
+        require(self, size=">= 1", neurons=">= 1", target_value="> 0", steps=">= 1", lr="> 0", batch_size=">= 1")
 
 
 def watermark_mask(side: int, box: int) -> torch.Tensor:

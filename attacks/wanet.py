@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from bench.attack import Attack, AttackConfig, Poisoned
 from bench.data.base import ImageSet
+from bench.config import require
 from bench.registry import register_attack
 
 
@@ -19,10 +20,7 @@ class WaNetConfig(AttackConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.k < 2:
-            raise ValueError(f"k must be >= 2, got {self.k}")
-        if self.cross_ratio < 0:
-            raise ValueError(f"cross_ratio must be >= 0, got {self.cross_ratio}")
+        require(self, k=">= 2", s="> 0", grid_rescale="> 0", cross_ratio=">= 0")
 
 
 @register_attack("wanet")

@@ -7,7 +7,7 @@ dynamic or learned attacks also override ``poison`` / ``prepare`` / ``train_mode
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Callable, ClassVar, Literal
 
 import torch
@@ -15,6 +15,7 @@ from torch import nn
 
 from bench import engine
 from bench.data.base import DatasetInfo, ImageSet
+from bench.config import require
 from bench.registry import BenchError
 
 
@@ -27,8 +28,7 @@ class AttackConfig:
     schedule: Literal["standard", "slow"] = "standard"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.poison_rate <= 1.0:
-            raise ValueError(f"poison_rate must be in [0, 1], got {self.poison_rate}")
+        require(self, poison_rate="[0, 1]", target=">= 0")
 
 
 @dataclass

@@ -3,38 +3,37 @@
 A *stage* is (dataset, model, attack, seed, profile): the undefended model, trained once
 and reused by every defense. A *cell* is a stage plus a defense. Both are identified by
 a stable hash of everything that determines their result, plugin versions included.
-Running one writes artifacts under ``<artifacts>/<id>/`` (atomically: a temporary
-directory renamed into place) and returns its outcome; only the runner writes the store.
+Running one writes artifacts under ``<artifacts>/<id>/`` (``bench.artifacts``: atomically,
+with every file's sha256, verified before reuse) and returns its outcome; only the runner
+writes the store.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
-import os
 import platform
 import resource
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
+from rich.markup import escape
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 import bench
 from bench import engine, metrics, progress
+from bench.artifacts import ArtifactWriter, CorruptArtifact, finished, verify
 from bench.attack import Attack, AttackContext
 from bench.config import build_config
 from bench.data.base import DatasetInfo, ImageSet, load_dataset
 from bench.data.splits import make_splits
+from bench.device import memory_format
 from bench.defense import Defense, DefenseContext
 from bench.models.base import build_model
-from bench.registry import ATTACKS, DEFENSES, BenchError
-
-RESULT_FILE = "result.json"
+from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, source_hash
 
 
 def _hash(payload: dict) -> str:
@@ -57,8 +56,14 @@ class StageSpec:
     @property
     def id(self) -> str:
         attack = ATTACKS.get(self.attack)
-        return "s-" + _hash({**dataclasses.asdict(self), "attack_version": attack.version,
-                             "core_version": bench.STAGE_VERSION})
+        payload = {**dataclasses.asdict(self), "attack_version": attack.version, "core_version": bench.STAGE_VERSION}
+        model = None if self.model.startswith("timm:") else MODELS.get(self.model)
+        sources = {kind: source_hash(obj) for kind, obj in
+                   (("attack", attack), ("model", model), ("dataset", DATASETS.get(self.dataset))) if obj is not None}
+        sources = {kind: digest for kind, digest in sources.items() if digest}
+        if sources:  # plugins from outside the project: their code is part of the identity
+            payload["plugin_sources"] = sources
+        return "s-" + _hash(payload)
 
     def benign(self) -> "StageSpec":
         benign_cls = ATTACKS.get("benign")
@@ -80,6 +85,8 @@ class CellSpec:
         defense = DEFENSES.get(self.defense)
         payload = {"stage": self.stage.id, "defense": self.defense, "defense_config": self.defense_config,
                    "defense_version": defense.version, "core_version": bench.CELL_VERSION}
+        if source_hash(defense):
+            payload["plugin_source"] = source_hash(defense)
         if self.scan is not None:
             payload["scan"] = self.scan
             payload["scan_version"] = bench.SCAN_VERSION
@@ -151,50 +158,36 @@ class Workspace:
         return self.root / spec.id
 
     def load_stage(self, spec: StageSpec) -> tuple[torch.nn.Module, Attack, dict]:
-        """The cached undefended model and the attack with its learned state."""
+        """The finished stage's undefended model and the attack with its learned state, from
+        verified artifacts (CorruptArtifact when they are damaged or missing)."""
         directory = self.stage_dir(spec)
+        result = verify(directory)
         info = self.dataset(spec.dataset)[0]
         model = build_model(spec.model, info).to(self.device)
         attack = self.attack(spec)
         try:
             load_model(model, str(directory / "model.safetensors"), device=str(self.device))
+            model.to(memory_format=memory_format(self.device))  # the layout it was trained and evaluated in
             state_file = directory / "attack_state.safetensors"
             if state_file.is_file():
                 attack.load_state_dict({k: v.to(self.device) for k, v in load_file(str(state_file)).items()})
         except Exception as exc:
-            raise BenchError(f"corrupt checkpoint in {directory}: {exc.__class__.__name__}: {exc}; "
-                             f"delete that directory to retrain the stage") from None
-        return model.eval(), attack, read_result(directory)
+            raise CorruptArtifact(directory, f"the checkpoint does not load ({exc.__class__.__name__}: {exc})") from None
+        return model.eval(), attack, result
 
 
-def read_result(directory: Path) -> dict:
-    with open(directory / RESULT_FILE) as handle:
-        return json.load(handle)
-
-
-def is_complete(directory: Path) -> bool:
-    return (directory / RESULT_FILE).is_file()
-
-
-class ArtifactWriter:
-    """Collects a stage's files in a temporary directory and renames it into place at the end,
-    so a crash never leaves a half-written artifact directory that looks finished."""
-
-    def __init__(self, final: Path) -> None:
-        self.final = final
-        self.tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-
-    def commit(self, result: dict) -> None:
-        with open(self.tmp / RESULT_FILE, "w") as handle:
-            json.dump(result, handle, indent=1, default=str)
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        os.replace(self.tmp, self.final)
-
-    def discard(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+def ready_stage(spec: StageSpec, ws: Workspace) -> tuple[dict, torch.nn.Module, Attack]:
+    """The stage's result, model and attack: reused when its artifacts are intact, (re)trained
+    otherwise, including when they are damaged between the check and the load."""
+    result = run_attack_stage(spec, ws)
+    try:
+        model, attack, _ = ws.load_stage(spec)
+    except CorruptArtifact as exc:
+        progress.log(f"[yellow]stage {spec.label()} could not be loaded ({exc.reason}): retraining it[/yellow]")
+        shutil.rmtree(exc.directory, ignore_errors=True)
+        result = run_attack_stage(spec, ws)
+        model, attack, _ = ws.load_stage(spec)
+    return result, model, attack
 
 
 def evaluate(model: torch.nn.Module, attack: Attack, test: ImageSet, triggered, batch_size: int,
@@ -239,8 +232,9 @@ def wall_span(started_at: float) -> dict[str, float]:
 def run_attack_stage(spec: StageSpec, ws: Workspace) -> dict:
     """Train the undefended model of a stage (or return the cached one's result)."""
     directory = ws.stage_dir(spec)
-    if is_complete(directory):
-        return read_result(directory)
+    cached = finished(directory, progress.log)
+    if cached is not None:
+        return cached
     started, started_at = time.perf_counter(), time.time()
     info, reserve, train, test = ws.split(spec)
     attack = ws.attack(spec)
@@ -285,7 +279,7 @@ def run_attack_stage(spec: StageSpec, ws: Workspace) -> dict:
                   "peak_memory_mb": peak_memory_mb(ws.device), "environment": environment(ws.device),
                   "details": {"requested_poison_rate": poisoned.requested_rate, **attack.details()},
                   "wall": wall_span(started_at)}
-        writer.commit(result)
+        result = writer.commit(result)
     except BaseException:
         writer.discard()
         raise
@@ -293,9 +287,7 @@ def run_attack_stage(spec: StageSpec, ws: Workspace) -> dict:
 
 
 def _benign_model(spec: StageSpec, ws: Workspace) -> torch.nn.Module:
-    benign = spec.benign()
-    run_attack_stage(benign, ws)
-    return ws.load_stage(benign)[0]
+    return ready_stage(spec.benign(), ws)[1]
 
 
 def poisoned_indices(ws: Workspace, spec: StageSpec) -> torch.Tensor:
@@ -315,11 +307,11 @@ def reverse_engineer(model: torch.nn.Module, test: ImageSet, info: DatasetInfo, 
 def run_defense_cell(spec: CellSpec, ws: Workspace) -> dict:
     """Apply a defense to the cached undefended model of the cell's stage and evaluate it."""
     directory = ws.root / spec.id
-    if is_complete(directory):
-        return read_result(directory)
+    cached = finished(directory, progress.log)
+    if cached is not None:
+        return cached
     stage = spec.stage
-    stage_result = run_attack_stage(stage, ws)
-    undefended_model, attack, _ = ws.load_stage(stage)
+    stage_result, undefended_model, attack = ready_stage(stage, ws)
     info, reserve, train, test = ws.split(stage)
     poisoned = attack.poison(train)  # deterministic: the same set the stage trained on
     triggered = ws.triggered(stage, attack, test)
@@ -333,7 +325,7 @@ def run_defense_cell(spec: CellSpec, ws: Workspace) -> dict:
             train=poisoned.train, reserve=reserve, info=info, train_config=_train_config(stage.train),
             finetune_config=_train_config(stage.finetune), device=ws.device, seed=stage.seed,
             artifact_dir=writer.tmp, monitor=curve_monitor(attack, test, triggered, stage),
-            log=lambda message: progress.log(f"[{spec.defense}] {message}"),
+            log=lambda message: progress.log(escape(f"[{spec.defense}] {message}")),
         )
         if ws.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ws.device)
@@ -373,7 +365,7 @@ def run_defense_cell(spec: CellSpec, ws: Workspace) -> dict:
                               **({"scan_s": scan_s} if scan_s is not None else {})},
                   "peak_memory_mb": peak_memory_mb(ws.device), "environment": environment(ws.device),
                   "details": outcome.details, "wall": wall_span(started_at)}
-        writer.commit(result)
+        result = writer.commit(result)
     except BaseException:
         writer.discard()
         raise

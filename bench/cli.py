@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ examples:
   python -m bench run --dataset synthetic --profile smoke --attacks badnets --defenses undefended,none
   python -m bench run -o defense.none.max_reset_fraction=0.03,0.1   # a sweep: one cell per value
   python -m bench run -o train.epochs=20 -o attack.badnets.poison_rate=0.05
-  python -m bench run --plugin my_defense.py --defenses undefended,mine
+  python -m bench run --plugin my_defense.py --defenses undefended,mine    # runs the file's code
 
 overrides (-o KEY=VALUE, repeatable; a comma list sweeps):
   attack.<attack>.<field>    fields of that attack's Config   (python -m bench list --verbose)
@@ -24,29 +25,50 @@ overrides (-o KEY=VALUE, repeatable; a comma list sweeps):
   train.<field>              the attack stage's training recipe (epochs, lr, batch_size, optimizer, ...)
   finetune.<field>           the fine-tuning recipe defenses start from
 
-Finished cells are skipped, so the same command resumes an interrupted grid.
+Finished cells are skipped, so the same command resumes an interrupted grid. Runners that
+share a store split the grid: start the same command in a second shell (or on a second machine
+with the store on a shared filesystem) and no cell is computed twice.
+
+exit status: 0 every cell of the grid is done; 1 some cell failed (listed at the end);
+2 bad input (nothing was run); 130 interrupted (finished cells are kept).
 """
 
 
-def _split(text: str | None) -> list[str] | None:
-    if text is None or text.strip() in ("", "all"):
+def _split(text: str | None, option: str, valid: list[str]) -> list[str] | None:
+    """A comma list; None (everything registered) when the option is absent or 'all'."""
+    if text is None or text.strip() == "all":
         return None
-    return [part.strip() for part in text.split(",") if part.strip()]
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise BenchError(f"bad {option} {text!r}: name at least one, e.g. {option} {valid[0]} "
+                         f"(omit it for all: {', '.join(valid)})")
+    return names
 
 
 def _seeds(text: str) -> list[int]:
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        seeds = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise BenchError(f"bad --seeds {text!r}: expected integers separated by commas, e.g. 0,1,2") from None
+    if not seeds:
+        raise BenchError(f"bad --seeds {text!r}: expected integers separated by commas, e.g. 0,1,2")
+    return seeds
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """Usage mistakes as one line, like every other bad input (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmark backdoor defenses: every attack x defense, "
+    parser = OneLineErrors(prog="python -m bench", description="Benchmark backdoor defenses: every attack x defense, "
                                      "the same splits and metrics, results in one SQLite store.")
-    parser.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
-                        help="import a plugin file (attack, defense, dataset or model); repeatable")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    plugin_help = ("import a plugin file (attack, defense, dataset or model); repeatable. "
+                   "It runs the file's code, as any Python import does")
+    parser.add_argument("--plugin", dest="plugins_before", action="append", default=[], metavar="FILE.py", help=plugin_help)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineErrors)
 
     run = commands.add_parser("run", help="run (or resume) the attack x defense grid on one dataset",
                               description="Run the attack x defense grid on one dataset, skipping finished cells.",
@@ -71,8 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scan", default=None, choices=("benign", "all", "off"),
                      help="rows whose models get the REASR trigger-inversion scan (default: the profile's, benign)")
     run.add_argument("--retry-failed", action="store_true", help="also re-run cells recorded as failed")
-    run.add_argument("--no-report", action="store_true", help="do not write reports/<dataset>/ at the end")
-    run.add_argument("--reports", type=Path, default=Path("reports"), help="report directory (default: reports)")
+    run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    run.add_argument("--reports", type=Path, default=None,
+                     help="report directory (default: reports/ beside the store, so a scratch store never "
+                          "overwrites another run's report)")
     run.add_argument("--no-tsne", action="store_true", help="skip the report's t-SNE figure (it rebuilds models)")
 
     lister = commands.add_parser("list", help="list datasets, models, attacks, defenses and profiles")
@@ -87,8 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="write reports/<dataset>/ and reports/index.md from the store")
     report.add_argument("--store", type=Path, default=DEFAULT_STORE)
     report.add_argument("--dataset", default=None, help="one dataset (default: every dataset in the store)")
-    report.add_argument("--out", type=Path, default=Path("reports"))
+    report.add_argument("--out", "--reports", dest="out", type=Path, default=None,
+                        help="report directory (default: reports/ beside the store)")
     report.add_argument("--no-tsne", action="store_true", help="skip the t-SNE figure (it rebuilds models)")
+    for command in (run, lister, results, report):  # --plugin also after the command's name
+        command.add_argument("--plugin", dest="plugins_after", action="append", default=[], metavar="FILE.py",
+                             help=plugin_help)
     return parser
 
 
@@ -161,21 +189,43 @@ def command_run(args) -> None:
     from bench.runner import RunOptions, run_grid, summary_rows
     from bench.store import ResultStore
 
-    request = GridRequest(dataset=args.dataset, profile=args.profile, model=args.model, attacks=_split(args.attacks),
-                          defenses=_split(args.defenses), seeds=_seeds(args.seeds), overrides=args.override,
-                          scan_rows=args.scan)
+    request = GridRequest(dataset=args.dataset, profile=args.profile, model=args.model,
+                          attacks=_split(args.attacks, "--attacks", ATTACKS.names()),
+                          defenses=_split(args.defenses, "--defenses", DEFENSES.names()), seeds=_seeds(args.seeds),
+                          overrides=args.override, scan_rows=args.scan)
     options = RunOptions(store=args.store, device=args.device, executor=args.executor, retry_failed=args.retry_failed,
                          artifacts=args.artifacts, address=args.address, gpus_per_cell=args.gpus_per_cell,
                          plugins=list(args.plugin))
     cells = run_grid(request, options)
     store = ResultStore(args.store)
-    print_summary(summary_rows(cells, store))
+    rows = summary_rows(cells, store)
+    print_summary(rows)
     if not args.no_report:
         from bench.report import write_index, write_report
 
-        path = write_report(store, args.dataset, args.reports, tsne_figure=not args.no_tsne)
-        progress.log(f"report: {path / 'README.md'}  (index: {write_index(store, args.reports)})")
+        reports = args.reports or args.store.parent / "reports"
+        path = write_report(store, args.dataset, reports, tsne_figure=not args.no_tsne)
+        progress.log(f"report: {path / 'README.md'}  (index: {write_index(store, reports)})")
     progress.log(f"results: {args.store} (python -m bench results --store {args.store})")
+    return closing_summary(rows, len(cells))
+
+
+def closing_summary(rows: list[dict], total: int) -> int:
+    """Exit status of a run: 1, with the failed cells listed, when any cell of the grid failed."""
+    from bench import progress
+
+    failed = [row for row in rows if row["status"] == "failed"]
+    elsewhere = [row for row in rows if row["status"] == "running"]
+    if elsewhere:
+        progress.log(f"{len(elsewhere)} of {total} cells are still being computed by another runner on this store")
+    if not failed:
+        return 0
+    progress.log(f"[red]{len(failed)} of {total} cells failed:[/red]")
+    for row in failed:
+        label = f"{row['dataset']}/{row['model']}/{row['attack']}/seed{row['seed']} x {_defense_label(row)}"
+        progress.log(f"  {label}: {(row.get('error') or '').splitlines()[0] if row.get('error') else '?'}")
+    progress.log("fix the cause, then run the same command with --retry-failed to run them again")
+    return 1
 
 
 def fmt(value) -> str:
@@ -221,9 +271,7 @@ def command_results(args) -> None:
 
     from bench.store import ResultStore
 
-    if not args.store.is_file():
-        raise BenchError(f"no results store at {args.store}; run `python -m bench run` first or pass --store")
-    store = ResultStore(args.store)
+    store = ResultStore(args.store, create=False)
     rows = store.cells(dataset=args.dataset)
     if args.format == "json":
         json.dump(rows, sys.stdout, indent=1, default=str)
@@ -246,29 +294,51 @@ def command_report(args) -> None:
     from bench.report import write_index, write_report
     from bench.store import ResultStore
 
-    if not args.store.is_file():
-        raise BenchError(f"no results store at {args.store}; run `python -m bench run` first or pass --store")
-    store = ResultStore(args.store)
+    store = ResultStore(args.store, create=False)
+    out = args.out or args.store.parent / "reports"
     datasets = [args.dataset] if args.dataset else store.datasets()
     if not datasets:
         raise BenchError(f"the store {args.store} holds no cells yet")
     for dataset in datasets:
-        progress.log(f"report: {write_report(store, dataset, args.out, tsne_figure=not args.no_tsne)}")
-    progress.log(f"index: {write_index(store, args.out)}")
+        progress.log(f"report: {write_report(store, dataset, out, tsne_figure=not args.no_tsne)}")
+    progress.log(f"index: {write_index(store, out)}")
+
+
+def _interrupt_on_sigterm():
+    """SIGTERM (a scheduler's stop, `kill`) ends a run as Ctrl-C does: the cell being computed
+    is dropped with its temporary files, finished cells stay, the claims are released.
+    Returns the previous handler (None when it could not be set)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. called from a test harness thread)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.plugin = list(args.plugins_before) + list(getattr(args, "plugins_after", []))
+    previous = _interrupt_on_sigterm()
+    try:
+        return _dispatch(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(args) -> int:
     try:
         load_builtin_plugins()
         for plugin in args.plugin:
             load_plugin_file(plugin)
-        {"run": command_run, "list": command_list, "results": command_results, "report": command_report}[args.command](args)
+        command = {"run": command_run, "list": command_list, "results": command_results, "report": command_report}[args.command]
+        return command(args) or 0
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished cells are saved; run the same command again to resume", file=sys.stderr)
         return 130
-    return 0

@@ -1,8 +1,10 @@
-"""Typed hyper-parameter dataclasses and the ``-o section.name.field=value`` overrides."""
+"""Typed hyper-parameter dataclasses, their valid ranges, and the ``-o section.name.field=value`` overrides."""
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import re
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -10,8 +12,52 @@ from typing import Any, Literal, Union, get_args, get_origin
 from bench.registry import BenchError
 
 
-def dataclass_to_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
+class FieldError(ValueError):
+    """A config field outside its valid range; ``build_config`` turns it into a one-line error
+    that names the field as the user wrote it (``train.epochs``, ``defense.ft.lr``)."""
+
+    def __init__(self, field: str, value: Any, valid: str) -> None:
+        super().__init__(f"{field}={value!r}: must be {valid}")
+        self.field, self.value, self.valid = field, value, valid
+
+
+_INTERVAL = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
+_BOUND = re.compile(r"^(>=|>|<=|<)\s*(\S+)$")
+
+
+def _within(value: float, rule: str) -> bool:
+    interval = _INTERVAL.match(rule)
+    if interval:
+        left, low, high, right = interval.groups()
+        low_ok = value >= float(low) if left == "[" else value > float(low)
+        high_ok = value <= float(high) if right == "]" else value < float(high)
+        return low_ok and high_ok
+    bound = _BOUND.match(rule)
+    if bound is None:
+        raise ValueError(f"bad range rule {rule!r}: write '>= 1', '> 0', '[0, 1)' or '(0, 1]'")
+    op, limit = bound.group(1), float(bound.group(2))
+    return {">=": value >= limit, ">": value > limit, "<=": value <= limit, "<": value < limit}[op]
+
+
+def require(config: Any, **rules: str) -> None:
+    """Check fields of a config against ranges written as '>= 1', '> 0', '[0, 1)' or '(0, 1]'.
+
+    None passes (it means "the default"); a number must also be finite. Called from a config's
+    ``__post_init__``, so an impossible recipe is refused when the grid is expanded, before
+    any work starts."""
+    for name, rule in rules.items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        valid = f"in {rule}" if rule[0] in "[(" else rule
+        for item in values:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                raise FieldError(name, value, f"a number {valid}")
+            if not math.isfinite(item):
+                raise FieldError(name, value, f"a finite number {valid}")
+            if not _within(item, rule):
+                raise FieldError(name, value, valid)
 
 
 def _coerce(text: str, annotation: Any, where: str) -> Any:
@@ -74,11 +120,21 @@ def parse_field_values(config_cls: type, field: str, text: str, where: str) -> l
     return [_coerce(part.strip(), types_by_name[field], where) for part in text.split(",")]
 
 
-def build_config(config_cls: type, values: dict[str, Any]) -> Any:
+def build_config(config_cls: type, values: dict[str, Any], where: str = "") -> Any:
+    """``config_cls(**values)``, or a one-line BenchError. ``where`` is the override prefix of
+    the config's fields (``train.``, ``defense.ft.``), so the error names the field as the user
+    would set it."""
     try:
-        return config_cls(**values)
+        config = config_cls(**values)
+    except FieldError as exc:
+        raise BenchError(f"invalid {where}{exc}") from None
     except (TypeError, ValueError) as exc:
-        raise BenchError(f"invalid {config_cls.__qualname__}: {exc}") from None
+        raise BenchError(f"invalid {where.rstrip('.') or config_cls.__qualname__} settings: {exc}") from None
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BenchError(f"invalid {where}{field.name}={value!r}: must be a finite number")
+    return config
 
 
 def expand_sweeps(values_by_key: dict[str, list[Any]]) -> list[dict[str, Any]]:

@@ -69,5 +69,11 @@ class Defense:
         self.config = config
         self.seed = seed
 
+    @classmethod
+    def check(cls, config, train: engine.TrainConfig, finetune: engine.TrainConfig) -> None:
+        """Refuse, with a ValueError naming the field, a config that cannot work with the cell's
+        recipes (the attack stage's ``train``, the profile's ``finetune``). Called when the grid
+        is expanded, before any work starts; field ranges belong in the Config's __post_init__."""
+
     def run(self, ctx: DefenseContext) -> DefenseResult:
         raise NotImplementedError

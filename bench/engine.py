@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Literal
 
 import torch
@@ -12,6 +12,7 @@ from torch import nn
 
 from bench import progress
 from bench.data.augment import augment
+from bench.config import require
 from bench.data.base import DatasetInfo, ImageSet
 from bench.device import autocast, memory_format
 from bench.registry import BenchError
@@ -36,6 +37,10 @@ class TrainConfig:
     freeze_bn: bool = False    # BatchNorm in eval mode: running statistics frozen, gamma/beta still learn
     amp: bool = True           # bf16 autocast, CUDA only
     compile: bool = False      # torch.compile the model for training (helps large models on GPUs; measure first)
+
+    def __post_init__(self) -> None:
+        require(self, epochs=">= 1", batch_size=">= 1", lr="> 0", momentum="[0, 1)", weight_decay=">= 0",
+                step_epochs=">= 1", step_gamma="(0, 1]")
 
 
 # loss_fn(model, x, y, indices) -> scalar loss; the default is cross-entropy.
@@ -185,6 +190,7 @@ def train(
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024, *, amp: bool = True) -> torch.Tensor:
     """Predicted labels for uint8 or [0, 1] float images, batched, in eval mode."""
     device = next(model.parameters()).device
+    model.to(memory_format=memory_format(device))  # the layout it trained in: results do not depend on how it was loaded
     was_training = model.training
     model.eval()
     outputs = []

@@ -1,9 +1,16 @@
 """Executors run stages and cells; the runner hands them a plan and writes the store from
 their callbacks (the runner stays the only writer). ``local`` runs one cell at a time in
-this process. A distributed executor implements the same ``run`` contract."""
+this process. A distributed executor implements the same ``run`` contract.
+
+Before computing a stage or cell an executor claims it (``Callbacks.claim``), so runners that
+share a store never compute the same thing twice: a cell another live runner holds is left
+to it, a stage another runner is training is waited for (after the other stages' work).
+"""
 from __future__ import annotations
 
+import collections
 import os
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -19,6 +26,14 @@ class Callbacks:
     cell_started: Callable[[CellSpec], None]
     cell_done: Callable[[CellSpec, dict], None]
     cell_failed: Callable[[CellSpec, str], None]
+    # Sharing the store with other runners (the defaults suit a store of one's own).
+    claim: Callable[[str, str], bool] = lambda item_id, kind: True     # (id, "stage" | "cell") -> taken?
+    release: Callable[[str], None] = lambda item_id: None
+    settled: Callable[[str, str], bool] = lambda item_id, kind: False  # finished by another runner meanwhile?
+    log: Callable[[str], None] = lambda message: None
+
+
+POLL_S = 2.0  # how often a runner looks again at a stage that another runner is training
 
 
 # A plan: each stage with the cells that need it (the stage may already be cached).
@@ -40,7 +55,28 @@ class LocalExecutor:
         self.on_cell_finished = on_cell_finished
 
     def run(self, plan: Plan, callbacks: Callbacks) -> None:
-        for stage, cells in plan:
+        queue = collections.deque(plan)
+        deferred_in_a_row = 0
+        while queue:
+            stage, cells = queue.popleft()
+            if not self._run_stage(stage, cells, callbacks):
+                # Another runner is training this stage: do the other stages' work first, then wait.
+                queue.append((stage, cells))
+                deferred_in_a_row += 1
+                if deferred_in_a_row >= len(queue):
+                    time.sleep(POLL_S)
+                continue
+            deferred_in_a_row = 0
+
+    def _run_stage(self, stage: StageSpec, cells: list[CellSpec], callbacks: Callbacks) -> bool:
+        """Run a stage and its cells; False (nothing done) when another runner holds the stage."""
+        if callbacks.settled(stage.id, "stage"):  # failed in another runner during this run: not retried
+            for cell in cells:
+                self._finished()
+            return True
+        if not callbacks.claim(stage.id, "stage"):
+            return False
+        try:
             callbacks.stage_started(stage)
             try:
                 stage_result = run_attack_stage(stage, self.workspace)
@@ -48,20 +84,37 @@ class LocalExecutor:
                 error = describe_error(exc)
                 callbacks.stage_failed(stage, error)
                 for cell in cells:
-                    callbacks.cell_started(cell)
-                    callbacks.cell_failed(cell, f"attack stage failed: {error}")
+                    if callbacks.claim(cell.id, "cell"):
+                        callbacks.cell_started(cell)
+                        callbacks.cell_failed(cell, f"attack stage failed: {error}")
+                        callbacks.release(cell.id)
                     self._finished()
-                continue
+                return True
             callbacks.stage_done(stage, stage_result)
-            for cell in cells:
-                callbacks.cell_started(cell)
-                try:
-                    result = run_defense_cell(cell, self.workspace)
-                except Exception as exc:
-                    callbacks.cell_failed(cell, describe_error(exc))
-                else:
-                    callbacks.cell_done(cell, result)
-                self._finished()
+        finally:
+            callbacks.release(stage.id)
+        for cell in cells:
+            self._run_cell(cell, callbacks)
+        return True
+
+    def _run_cell(self, cell: CellSpec, callbacks: Callbacks) -> None:
+        if not callbacks.claim(cell.id, "cell"):
+            callbacks.log(f"{cell.label()}: another runner is computing it; leaving it to that runner")
+            self._finished()
+            return
+        try:
+            if callbacks.settled(cell.id, "cell"):  # finished by another runner since this run planned it
+                return
+            callbacks.cell_started(cell)
+            try:
+                result = run_defense_cell(cell, self.workspace)
+            except Exception as exc:
+                callbacks.cell_failed(cell, describe_error(exc))
+            else:
+                callbacks.cell_done(cell, result)
+        finally:
+            callbacks.release(cell.id)
+            self._finished()
 
     def _finished(self) -> None:
         if self.on_cell_finished is not None:
@@ -137,10 +190,21 @@ class RayExecutor:
         cell_task = ray.remote(_ray_cell).options(**options)
         pending: dict = {}  # ref -> ("stage", spec) | ("cell", spec)
         for stage, cells in plan:
+            # Claims are taken at submission and kept until the task ends; a stage another runner
+            # is training is left to that runner, with its cells (run the grid again to pick up any left).
+            if not callbacks.claim(stage.id, "stage"):
+                callbacks.log(f"{stage.label()}: another runner is training this stage; its cells are left to it")
+                for _ in cells:
+                    self._finished()
+                continue
             callbacks.stage_started(stage)
             stage_ref = stage_task.remote(dataclasses.asdict(stage), self.artifacts_root, self.device, self.plugins)
             pending[stage_ref] = ("stage", stage)
             for cell in cells:
+                if not callbacks.claim(cell.id, "cell"):
+                    callbacks.log(f"{cell.label()}: another runner is computing it; leaving it to that runner")
+                    self._finished()
+                    continue
                 callbacks.cell_started(cell)
                 ref = cell_task.remote(cell.to_json(), self.artifacts_root, self.device, self.plugins, stage_ref)
                 pending[ref] = ("cell", cell)
@@ -150,6 +214,7 @@ class RayExecutor:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 ref = ready[0]
                 kind, spec = pending.pop(ref)
+                callbacks.release(spec.id)
                 try:
                     result = ray.get(ref)
                 except Exception as exc:

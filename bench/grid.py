@@ -59,9 +59,14 @@ def _validate_model(name: str) -> None:
         MODELS.get(name)
 
 
+def _recipe(base: TrainConfig, values: dict, section: str) -> dict:
+    """The profile's recipe with the user's values, validated (``train.epochs=0`` is refused here)."""
+    return dataclasses.asdict(build_config(TrainConfig, {**dataclasses.asdict(base), **values}, f"{section}."))
+
+
 def stage_specs(request: GridRequest, parsed: ParsedOverrides, attack: str) -> list[StageSpec]:
     profile = PROFILES.get(request.profile)
-    DATASETS.get(request.dataset)
+    num_classes = DATASETS.get(request.dataset).info.num_classes
     model = request.model or profile.model
     _validate_model(model)
     attack_cls = ATTACKS.get(attack)
@@ -69,11 +74,15 @@ def stage_specs(request: GridRequest, parsed: ParsedOverrides, attack: str) -> l
     attack_fields = {f.name for f in dataclasses.fields(attack_cls.Config)}
     profile_defaults = {k: v for k, v in profile.attack_defaults.items() if k in attack_fields}
     for attack_values in expand_sweeps(parsed.attack.get(attack, {})):
-        attack_config = dataclasses.asdict(build_config(attack_cls.Config, {**profile_defaults, **attack_values}))
+        attack_config = dataclasses.asdict(build_config(attack_cls.Config, {**profile_defaults, **attack_values},
+                                                        f"attack.{attack}."))
+        target = attack_config.get("target")
+        if isinstance(target, int) and target >= num_classes:
+            raise BenchError(f"invalid attack.{attack}.target={target}: {request.dataset} has classes 0..{num_classes - 1}")
         for train_values in expand_sweeps(parsed.train):
-            train = dataclasses.asdict(dataclasses.replace(profile.train_for(request.dataset), **train_values))
+            train = _recipe(profile.train_for(request.dataset), train_values, "train")
             for finetune_values in expand_sweeps(parsed.finetune):
-                finetune = dataclasses.asdict(dataclasses.replace(profile.finetune, **finetune_values))
+                finetune = _recipe(profile.finetune, finetune_values, "finetune")
                 for seed in request.seeds:
                     specs.append(StageSpec(request.dataset, model, attack, attack_config, seed, profile.name,
                                            train, finetune, profile.eval_batch_size, profile.curve_samples))
@@ -107,8 +116,15 @@ def defense_defaults(defense_cls, defense: str, attack: str, profile) -> dict:
 def expand(request: GridRequest) -> list[CellSpec]:
     """Every cell of the grid, stages in order so each stage's defenses follow it."""
     parsed = parse_overrides(request.overrides)
-    attacks = request.attacks or ATTACKS.names()
-    defenses = request.defenses or DEFENSES.names()
+    attacks = ATTACKS.names() if request.attacks is None else list(dict.fromkeys(request.attacks))
+    defenses = DEFENSES.names() if request.defenses is None else list(dict.fromkeys(request.defenses))
+    seeds = list(dict.fromkeys(request.seeds))
+    for kind, chosen, valid in (("attack", attacks, ATTACKS.names()), ("defense", defenses, DEFENSES.names())):
+        if not chosen:
+            raise BenchError(f"no {kind} selected; valid: {', '.join(valid)}")
+    if not seeds:
+        raise BenchError("no seed selected: give at least one, e.g. --seeds 0")
+    request = dataclasses.replace(request, seeds=seeds)
     for name in defenses:
         DEFENSES.get(name)
     for name in list(parsed.defense):
@@ -124,6 +140,10 @@ def expand(request: GridRequest) -> list[CellSpec]:
                 defense_cls = DEFENSES.get(defense)
                 base = defense_defaults(defense_cls, defense, attack, PROFILES.get(request.profile))
                 for values in expand_sweeps(parsed.defense.get(defense, {})):
-                    config = dataclasses.asdict(build_config(defense_cls.Config, {**base, **values}))
-                    cells.append(CellSpec(stage, defense, config, scan_settings(request, attack)))
+                    config = build_config(defense_cls.Config, {**base, **values}, f"defense.{defense}.")
+                    try:
+                        defense_cls.check(config, TrainConfig(**stage.train), TrainConfig(**stage.finetune))
+                    except ValueError as exc:
+                        raise BenchError(f"invalid defense.{defense} settings: {exc}") from None
+                    cells.append(CellSpec(stage, defense, dataclasses.asdict(config), scan_settings(request, attack)))
     return cells

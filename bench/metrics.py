@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-from sklearn.metrics import confusion_matrix
 
 
 def _percent(fraction: float) -> float:
@@ -38,6 +37,8 @@ def detection_metrics(flagged: torch.Tensor, poisoned: torch.Tensor, num_samples
     truth[poisoned.cpu().long()] = 1
     guess = torch.zeros(num_samples, dtype=torch.int64)
     guess[flagged.cpu().long()] = 1
+    from sklearn.metrics import confusion_matrix
+
     (tn, fp), (fn, tp) = confusion_matrix(truth.numpy(), guess.numpy(), labels=[0, 1])
     return {
         "det_precision": _percent(tp / (tp + fp)) if tp + fp else 0.0,

@@ -7,6 +7,7 @@ come from Python entry points (groups ``bench.datasets``, ``bench.models``,
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -32,8 +33,10 @@ class Registry(Generic[T]):
             if name in self._entries and self._entries[name] is not obj:
                 existing = self._entries[name]
                 # Re-importing the same module (e.g. a --plugin file loaded twice) is fine.
-                if getattr(existing, "__qualname__", None) != getattr(obj, "__qualname__", None):
-                    raise BenchError(f"{self.kind} {name!r} is registered twice")
+                where = lambda o: (getattr(o, "__module__", None), getattr(o, "__qualname__", None))  # noqa: E731
+                if where(existing) != where(obj):
+                    origin = lambda o: getattr(sys.modules.get(where(o)[0]), "__file__", None) or where(o)[0]  # noqa: E731
+                    raise BenchError(f"{self.kind} {name!r} is registered twice: by {origin(existing)} and by {origin(obj)}")
             self._entries[name] = obj
             try:
                 setattr(obj, "registered_name", name)
@@ -76,6 +79,7 @@ register_defense = DEFENSES.register
 register_profile = PROFILES.register
 
 _BUILTIN_PACKAGES = ("bench.data", "bench.models", "bench.profiles", "attacks", "defenses")
+_BUILTIN_ROOTS = {"bench", "attacks", "defenses"}
 _ENTRY_POINT_GROUPS = ("bench.datasets", "bench.models", "bench.attacks", "bench.defenses")
 _loaded = False
 
@@ -105,13 +109,44 @@ def load_builtin_plugins() -> None:
                                  f"failed to load: {exc}") from exc
 
 
+def plugin_module_name(path: Path) -> str:
+    """One module per plugin file, named from its full path: two files called ``defense.py`` in
+    different folders are two plugins."""
+    resolved = Path(path).resolve()
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
+    stem = "".join(c if c.isalnum() else "_" for c in resolved.stem)
+    return f"bench_plugin_{stem}_{digest}"
+
+
+_source_hashes: dict[str, str | None] = {}
+
+
+def source_hash(obj: Any) -> str | None:
+    """sha256 of the source file that defines a plugin from outside this project (a ``--plugin``
+    file or an installed entry point); None for the built-ins, which carry a ``version`` instead.
+    It is part of the stage and cell ids, so editing a plugin's code re-runs its cells rather
+    than reusing results of the old code."""
+    module_name = getattr(obj, "__module__", None) or ""
+    if module_name.split(".")[0] in _BUILTIN_ROOTS:
+        return None
+    if module_name not in _source_hashes:
+        module = sys.modules.get(module_name)
+        path = getattr(module, "__file__", None)
+        if path is None or not Path(path).is_file():
+            _source_hashes[module_name] = None
+        else:
+            _source_hashes[module_name] = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return _source_hashes[module_name]
+
+
 def load_plugin_file(path: str | Path) -> None:
-    """Import a plugin from a Python file; its decorators register what it defines."""
+    """Import a plugin from a Python file; its decorators register what it defines.
+    This runs the file's code, with the rights of the user who runs the benchmark."""
     path = Path(path)
     if not path.is_file():
         raise BenchError(f"plugin file not found: {path}")
     load_builtin_plugins()
-    module_name = f"bench_plugin_{path.stem}"
+    module_name = plugin_module_name(path)
     if module_name in sys.modules:
         return
     spec = importlib.util.spec_from_file_location(module_name, path)

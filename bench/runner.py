@@ -1,15 +1,17 @@
 """The grid runner: expand, skip finished cells, run the rest, keep going past failures,
-summarise. Re-running the same command after a crash finishes the grid."""
+summarise. Re-running the same command after a crash finishes the grid; several runners on one
+store share the grid's work through claims (``bench.store``)."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from bench import progress
-from bench.cell import CellSpec, StageSpec, Workspace, is_complete
+from bench.artifacts import is_intact, remove_stale_temporaries
+from bench.cell import CellSpec, StageSpec, Workspace
+from bench.data.base import data_root
 from bench.device import resolve_device
 from bench.executors import Callbacks, LocalExecutor, Plan
 from bench.grid import GridRequest, expand
@@ -35,7 +37,7 @@ def plan_pending(cells: list[CellSpec], store: ResultStore, retry_failed: bool =
     plan: dict[str, tuple[StageSpec, list[CellSpec]]] = {}
     for cell in cells:
         status = store.cell_status(cell.id)
-        done = status == "done" and is_complete(store.artifacts_root / cell.id)
+        done = status == "done" and is_intact(store.artifacts_root / cell.id)
         if status == "failed" and not retry_failed:
             continue
         if not done:
@@ -43,7 +45,7 @@ def plan_pending(cells: list[CellSpec], store: ResultStore, retry_failed: bool =
     return list(plan.values())
 
 
-def store_callbacks(store: ResultStore, log) -> Callbacks:
+def store_callbacks(store: ResultStore, log, run_started: float | None = None) -> Callbacks:
     def cell_failed(cell: CellSpec, error: str) -> None:
         store.cell_failed(cell.id, error)
         log(f"[red]failed[/red] {cell.label()}: {error.splitlines()[0]}")
@@ -57,6 +59,15 @@ def store_callbacks(store: ResultStore, log) -> Callbacks:
         store.stage_failed(stage.id, error)
         log(f"[red]attack stage failed[/red] {stage.label()}: {error.splitlines()[0]}")
 
+    started = time.time() if run_started is None else run_started
+
+    def settled(item_id: str, kind: str) -> bool:
+        """Finished by another runner since this run began: failed (a stage), done or failed (a cell)."""
+        row = store.stage_status(item_id) if kind == "stage" else store.cell_finished_at(item_id)
+        if row is None or row[1] is None or row[1] < started:
+            return False
+        return row[0] == "failed" if kind == "stage" else row[0] in ("done", "failed")
+
     return Callbacks(
         stage_started=store.stage_running,
         stage_done=lambda stage, result: store.stage_done(stage.id, result),
@@ -64,6 +75,10 @@ def store_callbacks(store: ResultStore, log) -> Callbacks:
         cell_started=store.cell_running,
         cell_done=cell_done,
         cell_failed=cell_failed,
+        claim=store.claim,
+        release=store.release,
+        settled=settled,
+        log=log,
     )
 
 
@@ -86,18 +101,23 @@ def run_grid(request: GridRequest, options: RunOptions) -> list[CellSpec]:
     if options.executor not in EXECUTORS:
         raise BenchError(f"unknown executor {options.executor!r}; valid: {', '.join(EXECUTORS)}")
     cells = expand(request)
-    store = ResultStore(options.store, options.artifacts)
+    data_root()  # a BENCH_DATA that is not a directory stops the run here, not inside every cell
     device = resolve_device(options.device)
+    store = ResultStore(options.store, options.artifacts)
+    run_started = time.time()
     plan = plan_pending(cells, store, options.retry_failed)
     pending = sum(len(group) for _, group in plan)
+    workspace = Workspace(store.artifacts_root, device)
+    if pending and options.executor == "local":
+        workspace.dataset(request.dataset)  # missing or damaged data: one error before any cell starts
     progress.log(f"grid: {len(cells)} cells ({len(cells) - pending} already done, {pending} to run) "
                  f"on {request.dataset}, profile {request.profile}, device {device}; store {store.path}")
+    remove_stale_temporaries(store.artifacts_root, progress.log)
     if pending:
-        workspace = Workspace(store.artifacts_root, device)
         started = time.perf_counter()
-        with progress.task("grid", pending) as bar:
+        with store.heartbeats(), progress.task("grid", pending) as bar:
             executor = make_executor(options, workspace, lambda: bar.advance(1))
-            executor.run(plan, store_callbacks(store, progress.log))
+            executor.run(plan, store_callbacks(store, progress.log, run_started))
         progress.log(f"grid finished in {time.perf_counter() - started:.0f} s")
     return cells
 

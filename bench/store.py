@@ -1,17 +1,31 @@
-"""The results store: one SQLite file, one row per stage and per cell.
+"""The results store: one SQLite file, one row per stage and per cell, and the claims of the
+runners working on it.
 
-Only the runner process writes it. Every write is one transaction; a cell is marked
-``done`` only after its artifacts were renamed into place, so a crash at any point
-leaves either a finished cell or one that the next run redoes.
+Each runner process writes it from its own callbacks (executors never do). Every write is one
+transaction; a cell is marked ``done`` only after its artifacts were renamed into place, so a
+crash at any point leaves either a finished cell or one that the next run redoes.
+
+Several runners may share one store (two shells on one machine, or N machines on a shared
+filesystem whose SQLite locking works): a runner *claims* a stage or cell before computing it.
+A claim records its owner (host, pid) and a heartbeat that the owner refreshes; a claim whose
+owner is dead (same host, no such process) or whose heartbeat is older than ``STALE_S`` is
+taken over. A ``running`` row whose claim is gone reads as ``interrupted``.
 """
 from __future__ import annotations
 
 import json
+import os
+import platform
 import sqlite3
+import threading
 import time
-from contextlib import closing
+import uuid
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from bench.artifacts import pid_alive
+from bench.registry import BenchError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS stages (
@@ -29,27 +43,53 @@ CREATE TABLE IF NOT EXISTS cells (
 );
 CREATE INDEX IF NOT EXISTS cells_by_dataset ON cells(dataset, status);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS claims (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL, token TEXT NOT NULL,
+    claimed REAL NOT NULL, heartbeat REAL NOT NULL
+);
 """
 
-STATUSES = ("running", "done", "failed")
+STATUSES = ("running", "done", "failed", "interrupted")   # interrupted: running, but its owner is gone
+HEARTBEAT_S = 10.0   # how often a runner refreshes its claims
+STALE_S = 120.0      # a claim not refreshed for this long is taken over (an owner on another host died)
+
+
+def _host() -> str:
+    return platform.node() or "localhost"
 
 
 class ResultStore:
-    def __init__(self, path: str | Path, artifacts_root: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path, artifacts_root: str | Path | None = None, *, create: bool = True) -> None:
         """``artifacts_root`` defaults to the store's directory (<store dir>/<id>/); a
-        different one (a shared filesystem for a cluster) is remembered in the store."""
+        different one (a shared filesystem for a cluster) is remembered in the store.
+        ``create=False`` opens an existing store only (for reading commands)."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as conn, conn:
-            conn.executescript(SCHEMA)
-            if artifacts_root is not None:
-                conn.execute("INSERT INTO meta VALUES ('artifacts_root', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                             (str(Path(artifacts_root).resolve()),))
-            row = conn.execute("SELECT value FROM meta WHERE key='artifacts_root'").fetchone()
+        if self.path.is_dir():
+            raise BenchError(f"results store {self.path} is a directory; give a file path, e.g. {self.path / 'bench.sqlite'}")
+        if not self.path.exists():
+            if not create:
+                raise BenchError(f"no results store at {self.path}; run `python -m bench run` first or pass --store")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise BenchError(f"cannot create the results store {self.path}: {self.path.parent} is not a directory") from None
+        self.token = uuid.uuid4().hex
+        self.host, self.pid = _host(), os.getpid()
+        self._held: set[str] = set()
+        try:
+            with closing(self._connect()) as conn, conn:
+                conn.executescript(SCHEMA)
+                if artifacts_root is not None:
+                    conn.execute("INSERT INTO meta VALUES ('artifacts_root', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                                 (str(Path(artifacts_root).resolve()),))
+                row = conn.execute("SELECT value FROM meta WHERE key='artifacts_root'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise BenchError(f"{self.path} is not a usable results store ({exc}); pass another --store "
+                             f"or move that file away") from None
         self.artifacts_root = Path(row[0]) if row else self.path.parent
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=30)
+        conn = sqlite3.connect(self.path, timeout=60)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
@@ -59,11 +99,86 @@ class ResultStore:
         with closing(self._connect()) as conn, conn:
             conn.execute(sql, params)
 
-    # --- stages ----------------------------------------------------------------------
-    def stage_status(self, stage_id: str) -> str | None:
+    # --- claims ----------------------------------------------------------------------
+    def _owner_alive(self, row: sqlite3.Row, now: float) -> bool:
+        if now - row["heartbeat"] > STALE_S:
+            return False
+        if row["host"] == self.host:
+            return row["pid"] == self.pid or pid_alive(row["pid"])
+        return True  # another host's process: only its heartbeat can tell
+
+    def claim(self, item_id: str, kind: str) -> bool:
+        """Take the claim on a stage or cell; False when a live runner holds it."""
+        now = time.time()
         with closing(self._connect()) as conn:
-            row = conn.execute("SELECT status FROM stages WHERE id=?", (stage_id,)).fetchone()
-        return row["status"] if row else None
+            conn.isolation_level = None
+            conn.execute("BEGIN IMMEDIATE")  # one claimer at a time
+            try:
+                row = conn.execute("SELECT * FROM claims WHERE id=?", (item_id,)).fetchone()
+                if row is not None and row["token"] != self.token and self._owner_alive(row, now):
+                    conn.execute("COMMIT")
+                    return False
+                conn.execute("INSERT INTO claims VALUES (?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET kind=excluded.kind, "
+                             "host=excluded.host, pid=excluded.pid, token=excluded.token, claimed=excluded.claimed, "
+                             "heartbeat=excluded.heartbeat", (item_id, kind, self.host, self.pid, self.token, now, now))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        self._held.add(item_id)
+        return True
+
+    def release(self, item_id: str) -> None:
+        self._write("DELETE FROM claims WHERE id=? AND token=?", (item_id, self.token))
+        self._held.discard(item_id)
+
+    def release_all(self) -> None:
+        self._write("DELETE FROM claims WHERE token=?", (self.token,))
+        self._held.clear()
+
+    def heartbeat(self) -> None:
+        if self._held:
+            self._write("UPDATE claims SET heartbeat=? WHERE token=?", (time.time(), self.token))
+
+    def owner(self, item_id: str) -> str | None:
+        """``host:pid`` of the live runner holding the item, if any."""
+        with closing(self._connect()) as conn:
+            row = conn.execute("SELECT * FROM claims WHERE id=?", (item_id,)).fetchone()
+        if row is None or row["token"] == self.token or not self._owner_alive(row, time.time()):
+            return None
+        return f"{row['host']}:{row['pid']}"
+
+    @contextmanager
+    def heartbeats(self, interval: float = HEARTBEAT_S) -> Iterator[None]:
+        """Refresh this runner's claims in the background while the block runs; release them all after."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(interval):
+                try:
+                    self.heartbeat()
+                except sqlite3.Error:
+                    pass  # a busy store: the next beat retries, well within STALE_S
+
+        thread = threading.Thread(target=beat, name="bench-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.release_all()
+
+    def _live_claims(self, conn: sqlite3.Connection) -> set[str]:
+        now = time.time()
+        return {row["id"] for row in conn.execute("SELECT * FROM claims").fetchall() if self._owner_alive(row, now)}
+
+    # --- stages ----------------------------------------------------------------------
+    def stage_status(self, stage_id: str) -> tuple[str, float | None] | None:
+        """(status, finished) of a stage, or None when the store has no row for it."""
+        with closing(self._connect()) as conn:
+            row = conn.execute("SELECT status, finished FROM stages WHERE id=?", (stage_id,)).fetchone()
+        return (row["status"], row["finished"]) if row else None
 
     def stage_running(self, spec) -> None:
         self._write(
@@ -88,6 +203,12 @@ class ResultStore:
             row = conn.execute("SELECT status FROM cells WHERE id=?", (cell_id,)).fetchone()
         return row["status"] if row else None
 
+    def cell_finished_at(self, cell_id: str) -> tuple[str, float | None] | None:
+        """(status, finished) of a cell, or None when the store has no row for it."""
+        with closing(self._connect()) as conn:
+            row = conn.execute("SELECT status, finished FROM cells WHERE id=?", (cell_id,)).fetchone()
+        return (row["status"], row["finished"]) if row else None
+
     def cell_running(self, spec) -> None:
         stage = spec.stage
         self._write(
@@ -109,21 +230,18 @@ class ResultStore:
 
     # --- reading -----------------------------------------------------------------------
     def cells(self, dataset: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
-        """Every cell as a dict with its JSON columns decoded, in a stable order."""
+        """Every cell as a dict with its JSON columns decoded, in a stable order. A ``running``
+        cell whose runner is gone (killed, or stopped by Ctrl-C) reads as ``interrupted``."""
         query, params = "SELECT * FROM cells", []
-        clauses = []
         if dataset is not None:
-            clauses.append("dataset=?")
+            query += " WHERE dataset=?"
             params.append(dataset)
-        if status is not None:
-            clauses.append("status=?")
-            params.append(status)
-        if clauses:
-            query += " WHERE " + " AND ".join(clauses)
         query += " ORDER BY dataset, attack, defense, seed, id"
         with closing(self._connect()) as conn:
             rows = conn.execute(query, params).fetchall()
-        return [_decode(row) for row in rows]
+            live = self._live_claims(conn)
+        records = [_with_liveness(_decode(row), live) for row in rows]
+        return [r for r in records if status is None or r["status"] == status]
 
     def stages(self, dataset: str | None = None) -> list[dict[str, Any]]:
         query, params = "SELECT * FROM stages", []
@@ -132,7 +250,8 @@ class ResultStore:
             params.append(dataset)
         with closing(self._connect()) as conn:
             rows = conn.execute(query + " ORDER BY dataset, attack, seed", params).fetchall()
-        return [_decode(row) for row in rows]
+            live = self._live_claims(conn)
+        return [_with_liveness(_decode(row), live) for row in rows]
 
     def datasets(self) -> list[str]:
         with closing(self._connect()) as conn:
@@ -143,6 +262,12 @@ def _stage_config(spec) -> dict:
     import dataclasses
 
     return dataclasses.asdict(spec)
+
+
+def _with_liveness(record: dict[str, Any], live: set[str]) -> dict[str, Any]:
+    if record["status"] == "running" and record["id"] not in live:
+        record["status"] = "interrupted"
+    return record
 
 
 def _decode(row: sqlite3.Row) -> dict[str, Any]:

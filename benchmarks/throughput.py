@@ -130,14 +130,21 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also measure the engine with torch.compile (TrainConfig.compile, `-o train.compile=true`)")
     parser.add_argument("--out", default=None, help="append a results table to this markdown file")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="synthetic 1x28x28 images instead of Fashion-MNIST (no dataset files, no download)")
     args = parser.parse_args()
     os.environ.setdefault("BENCH_PROGRESS", "0")
     device = resolve_device(args.device)
     rows = []
-    info, train_set, _ = load_dataset("fashion-mnist")
-    fashion = train_set.subset(torch.arange(min(args.samples, len(train_set))))
-    rows.append(measure("small-cnn, Fashion-MNIST 28x28x1", "small-cnn", fashion, info, device, args.repeats, args.batch_size,
-                        args.workers, args.compile))
+    if args.synthetic:
+        info = DATASETS.get("fashion-mnist").info
+        fashion, _ = make_synthetic(args.samples, 0, info.num_classes, 1, 28)
+        label = "small-cnn, synthetic 28x28x1"
+    else:
+        info, train_set, _ = load_dataset("fashion-mnist")
+        fashion = train_set.subset(torch.arange(min(args.samples, len(train_set))))
+        label = "small-cnn, Fashion-MNIST 28x28x1"
+    rows.append(measure(label, "small-cnn", fashion, info, device, args.repeats, args.batch_size, args.workers, args.compile))
     cifar_like = cifar_sized_info()
     images, _ = make_synthetic(min(args.samples, 2048) if device.type == "cpu" else args.samples, 0, 10, 3, 32)
     rows.append(measure("preact-resnet18, synthetic 32x32x3", "preact-resnet18", images, cifar_like, device, args.repeats,

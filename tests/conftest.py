@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+from tests.bounds import SEED
+
 os.environ.setdefault("BENCH_PROGRESS", "0")
 
 
@@ -33,14 +35,15 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def smoke_cell(workspace):
-    """smoke_cell(attack, defense, overrides=[...], dataset="synthetic", profile="smoke", seed=0) -> result dict
+    """smoke_cell(attack, defense, overrides=[...], dataset="synthetic", profile="smoke", seed=SEED) -> result dict
     (``result["metrics"]`` has c_acc, asr, ra, der and detection metrics; ``result["undefended"]``
     the attack stage's c_acc/asr/ra)."""
     from bench.cell import run_defense_cell
     from bench.grid import GridRequest, expand
 
     def run(attack: str, defense: str, overrides: list[str] | None = None, dataset: str = "synthetic",
-            profile: str = "smoke", seed: int = 0, model: str | None = None) -> dict:
+            profile: str = "smoke", seed: int | None = None, model: str | None = None) -> dict:
+        seed = SEED if seed is None else seed
         cells = expand(GridRequest(dataset, profile, model=model, attacks=[attack], defenses=[defense],
                                    seeds=[seed], overrides=list(overrides or [])))
         assert len(cells) == 1, "smoke_cell runs exactly one cell; use no sweeps"

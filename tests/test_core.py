@@ -49,7 +49,7 @@ def test_override_validation():
     request = GridRequest("synthetic", "smoke", attacks=["badnets"], defenses=["undefended"])
     for bad, pattern in [("train.epochz=3", "no field 'epochz'"), ("foo.bar=1", "section must be one of"),
                          ("attack.badnets=1", "expected attack.<name>.<field>"), ("train.epochs", "expected section"),
-                         ("attack.badnets.poison_rate=2", "poison_rate must be in"),
+                         ("attack.badnets.poison_rate=2", r"attack.badnets.poison_rate=2.0: must be in \[0, 1\]"),
                          ("defense.none2.x=1", "unknown defense 'none2'")]:
         with pytest.raises(BenchError, match=pattern):
             expand(dataclasses.replace(request, overrides=[bad]))
@@ -161,11 +161,15 @@ def test_augmentation_keeps_shape_and_shifts():
 
 
 # --- a real cell --------------------------------------------------------------------------
+@pytest.mark.trained
 def test_badnets_undefended_cell_learns_the_backdoor(smoke_cell):
+    """Over seeds 0-2 x 1-2 threads x AVX-512 / AVX2 kernels: ASR 96.7-98.8%, C-ACC 100%."""
+    from tests.bounds import at_least
+
     result = smoke_cell("badnets", "undefended")
     metrics = result["metrics"]
-    assert metrics["asr"] >= 90.0, metrics
-    assert metrics["c_acc"] >= 80.0, metrics  # 10 classes: chance is 10%
+    at_least("ASR", metrics["asr"], 90.0)
+    at_least("C-ACC", metrics["c_acc"], 80.0)  # 10 classes: chance is 10%
     assert metrics["der"] == 0.5  # the reference row changes nothing
     assert metrics["asr"] == result["undefended"]["asr"]
 

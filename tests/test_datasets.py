@@ -252,10 +252,20 @@ def check_colours(x: torch.Tensor, y: np.ndarray, table: np.ndarray, tolerance: 
     assert float(error.max()) <= tolerance, f"worst image {int(error.argmax())}: colour off by {float(error.max()):.1f}"
 
 
+def trust_fake_cifar(monkeypatch, name: str, root: Path) -> None:
+    """Declare the fake batches' md5s as the published ones (the loader checks them before unpickling)."""
+    cls = DATASETS.get(name)
+    directory = root / name / cls.torchvision_class().base_folder
+    digests = {file: hashlib.md5((directory / file).read_bytes()).hexdigest() for file in cls.published_md5()}
+    monkeypatch.setattr(cls, "published_md5", classmethod(lambda _: digests))
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_loads_fake_download_and_caches(name, tmp_path, offline):
+def test_loads_fake_download_and_caches(name, tmp_path, offline, monkeypatch):
     writer, own, _ = CASES[name]
     truth = writer(tmp_path)
+    if name.startswith("cifar"):
+        trust_fake_cifar(monkeypatch, name, tmp_path)
     info, train, test = load_dataset(name, tmp_path)
     classes, shape, hflip = EXPECTED[name]
     assert offline == [], f"{name} tried to download {offline} although its files were in place"
@@ -335,11 +345,33 @@ def test_tiny_imagenet_zip_is_extracted_only_with_the_right_md5(tmp_path, offlin
     assert len(train) == 400 and len(test) == 200 and train.y.tolist() == truth["train_y"].tolist()
 
 
-def test_corrupt_cifar_batch_is_a_clear_error(tmp_path):
+def test_corrupt_cifar_batch_is_a_clear_error(tmp_path, monkeypatch):
     fake_cifar10(tmp_path)
+    trust_fake_cifar(monkeypatch, "cifar10", tmp_path)
     (tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
-    with pytest.raises(BenchError, match="data_batch_3"):
+    with pytest.raises(BenchError, match="data_batch_3 does not match the published md5"):
         load_dataset("cifar10", tmp_path)
+
+
+class _Payload:
+    """Unpickling this touches a file: what a planted batch could do, with anything else instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_planted_cifar_batch_is_never_unpickled(tmp_path):
+    """The official md5s are checked before pickle.load: a planted batch's payload never runs."""
+    fake_cifar10(tmp_path)
+    marker = tmp_path / "payload-ran"
+    with open(tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_1", "wb") as handle:
+        pickle.dump(_Payload(marker), handle)
+    with pytest.raises(BenchError, match="data_batch_1 does not match the published md5"):
+        load_dataset("cifar10", tmp_path, use_cache=False)
+    assert not marker.exists()
 
 
 def test_every_registered_dataset_declares_consistent_info():

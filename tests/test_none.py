@@ -12,6 +12,7 @@ from bench.models.preact_resnet import PreActBlock
 from bench.registry import BenchError
 from defenses.none.graph import analyse_model, reset_channels
 from defenses.none.scoring import channel_scores, jenks_split, sample_scores, select_channels
+from tests.bounds import at_least, at_most
 
 INFO = DatasetInfo("t", 10, (3, 16, 16), mean=(0.5,) * 3, std=(0.25,) * 3, hflip=False)
 
@@ -85,6 +86,29 @@ def test_jenks_flags_the_high_mode_of_a_bimodal_vector():
     assert flagged[is_high].all()
     # at-or-above the break: jenkspy's break is the lower group's largest value, flagged with it
     assert (flagged & ~is_high).sum() == 1 and values[flagged & ~is_high].item() == split.jenks_break
+
+
+@pytest.mark.parametrize("kind", ["normal", "bimodal", "integers", "three-levels", "rounded-exponential"])
+def test_exact_two_class_jenks_matches_jenkspy(kind):
+    """The O(n log n) break equals jenkspy's (Fisher's quadratic programme) on random and on tied
+    values; the tied kinds include exact ties between two splits, which jenkspy decides by its
+    floating-point sums. (1,999 such cases agreed when the function was written.)"""
+    import jenkspy
+    import numpy as np
+
+    from defenses.none.scoring import two_class_jenks_break
+
+    rng = np.random.default_rng(["normal", "bimodal", "integers", "three-levels", "rounded-exponential"].index(kind))
+    for _ in range(60):
+        n = int(rng.integers(2, 300))
+        x = {"normal": lambda: rng.normal(size=n),
+             "bimodal": lambda: np.concatenate([rng.normal(0, 1, n), rng.normal(8, 1, max(1, n // 10))]),
+             "integers": lambda: rng.integers(0, 5, size=n).astype(float),
+             "three-levels": lambda: rng.integers(0, 3, size=n) * 0.1,
+             "rounded-exponential": lambda: np.round(rng.exponential(size=n), 1)}[kind]()
+        if len(np.unique(x)) < 2:
+            continue
+        assert two_class_jenks_break(x) == jenkspy.jenks_breaks(x, n_classes=2)[1], sorted(x.tolist())
 
 
 def test_jenks_on_constant_scores_flags_nothing():
@@ -272,21 +296,23 @@ def test_presets_fill_only_unset_fields_and_bad_values_are_rejected():
 
 
 # --- behaviour -------------------------------------------------------------------------------
+@pytest.mark.trained
 def test_none_removes_badnets_on_the_smoke_profile(smoke_cell, workspace):
     from defenses.none import render_diagnostics
     from safetensors.torch import load_file
 
     undefended = smoke_cell("badnets", "undefended")
-    assert undefended["metrics"]["asr"] >= 90
+    at_least("undefended ASR", undefended["metrics"]["asr"], 90)
     # The smoke CNN's analysed layers have 32, 64 and 64 channels, so the injected preset's 3%
     # resets 1-2 channels per layer; here the trigger spreads over ~4 high-gap channels of the
-    # last layer (see the defaults test below), so this test resets 10% (the issue's sweep value).
+    # last layer (see the defaults test below), so this test resets 10% (a value the NONE sweep in the sample report uses).
+    # Over seeds 0-2 x 1-2 threads x AVX-512 / AVX2: ASR 0%, C-ACC 100%, recall 91.8-96.1%.
     result = smoke_cell("badnets", "none", overrides=["defense.none.finetune_epochs=5",
                                                       "defense.none.max_reset_fraction=0.1"])
     metrics = result["metrics"]
-    assert metrics["asr"] < 20
-    assert metrics["c_acc"] >= undefended["metrics"]["c_acc"] - 5
-    assert metrics["det_recall"] >= 80
+    at_most("ASR", metrics["asr"], 20)
+    at_least("C-ACC", metrics["c_acc"], undefended["metrics"]["c_acc"] - 5)
+    at_least("detection recall", metrics["det_recall"], 80)
     details = result["details"]
     assert len(details["rounds"]) == 1 and details["rounds"][0]["flagged"] == metrics["det_flagged"]
     assert details["rounds"][0]["selected"] and details["rounds"][0]["jenks_break"] is not None
@@ -298,14 +324,17 @@ def test_none_removes_badnets_on_the_smoke_profile(smoke_cell, workspace):
     assert render_diagnostics(cell_dir, poisoned).stat().st_size > 10_000
 
 
+@pytest.mark.trained
 def test_none_injected_defaults_cut_badnets_and_find_its_samples(smoke_cell):
-    # Measured with the default 3% reset: ASR 98.8 -> 23.9 (C-ACC 100, recall 95.5) on the
-    # current smoke stage, 98.7 -> 1.0 on an earlier one: at least halving it is the stable claim.
+    # Measured with the default 3% reset over seeds 0-2 x 1-2 threads x AVX-512 / AVX2 kernels:
+    # ASR 0.2-35.2% (bound: half the undefended ~97-99%), C-ACC 100%, recall 91.8-96.1%, precision
+    # 96.2-100% (bounds 80): at least halving ASR is the stable claim.
     undefended = smoke_cell("badnets", "undefended")["metrics"]
     metrics = smoke_cell("badnets", "none", overrides=["defense.none.finetune_epochs=5"])["metrics"]
-    assert metrics["asr"] <= undefended["asr"] / 2
-    assert metrics["c_acc"] >= undefended["c_acc"] - 5
-    assert metrics["det_recall"] >= 80 and metrics["det_precision"] >= 80
+    at_most("ASR", metrics["asr"], undefended["asr"] / 2)
+    at_least("C-ACC", metrics["c_acc"], undefended["c_acc"] - 5)
+    at_least("detection recall", metrics["det_recall"], 80)
+    at_least("detection precision", metrics["det_precision"], 80)
 
 
 def test_rounds_accumulate_the_flagged_sets(smoke_cell, workspace):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, ClassVar
 
@@ -110,7 +110,11 @@ class Dataset:
 
 
 def data_root() -> Path:
-    return Path(os.environ.get("BENCH_DATA", "data")).expanduser()
+    """Where datasets are read and cached: $BENCH_DATA, default ./data."""
+    root = Path(os.environ.get("BENCH_DATA", "data")).expanduser()
+    if root.exists() and not root.is_dir():
+        raise BenchError(f"BENCH_DATA={root} is not a directory: point it to a directory (it is created when missing)")
+    return root
 
 
 def load_dataset(name: str, root: Path | None = None, *, use_cache: bool = True) -> tuple[DatasetInfo, ImageSet, ImageSet]:

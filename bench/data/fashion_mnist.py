@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import gzip
-import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,12 @@ _FILES = {
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (MNIST family), gzip-compressed or not."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise BenchError(f"{path} is unreadable ({exc.__class__.__name__}: {exc or 'truncated'}); "
+                         f"replace it with an intact copy") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise BenchError(f"{path} is not an unsigned-byte IDX file")
     ndim = data[3]

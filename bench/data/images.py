@@ -14,12 +14,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-try:
-    from torchvision.io import ImageReadMode, decode_image, read_file
-except ImportError:  # torchvision 0.29 deprecates its decoders (TorchCodec replaces them); PIL then decodes all
-    decode_image = None
-from torchvision.transforms.v2 import functional as TF
-
 from bench.registry import BenchError
 
 # torchvision.io decodes these; anything else (GTSRB's PPM) goes through PIL.
@@ -38,6 +32,10 @@ def _decode_pil(path: Path) -> torch.Tensor:
 def decode_rgb(path: Path) -> torch.Tensor:
     """One image file as uint8 (3, H, W); greyscale and CMYK files are converted to RGB."""
     path = Path(path)
+    try:  # imported here: torchvision costs seconds of start-up that listing or a typo should not pay
+        from torchvision.io import ImageReadMode, decode_image, read_file
+    except ImportError:  # torchvision 0.29 deprecates its decoders (TorchCodec replaces them); PIL then decodes all
+        decode_image = None
     if decode_image is not None and path.suffix.lower() in _TORCHVISION_FORMATS:
         try:
             return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
@@ -86,6 +84,8 @@ def resize_batched(images: Sequence[torch.Tensor], side: int, *, crop_square: bo
             chunk = members[start:start + _RESIZE_CHUNK]
             batch = torch.stack([images[i] for i in chunk])
             if shape[-2:] != (side, side):
+                from torchvision.transforms.v2 import functional as TF
+
                 batch = TF.resize(batch, [side, side], antialias=True)
             out[torch.tensor(chunk)] = batch
     return out

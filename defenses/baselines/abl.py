@@ -37,8 +37,9 @@ from torch import nn
 from bench import engine
 from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
 from bench.data.base import ImageSet
+from bench.config import require
 from bench.device import autocast
-from bench.registry import BenchError, register_defense
+from bench.registry import register_defense
 
 
 @dataclass
@@ -50,10 +51,8 @@ class ABLConfig(DefenseConfig):
     unlearning_lr: float = 5e-4
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.isolation_ratio < 1.0:
-            raise ValueError(f"isolation_ratio must be in (0, 1), got {self.isolation_ratio}")
-        if self.isolation_epochs is not None and self.isolation_epochs < 1:
-            raise ValueError(f"isolation_epochs must be at least 1, got {self.isolation_epochs}")
+        require(self, gamma=">= 0", isolation_ratio="(0, 1)", isolation_epochs=">= 1", unlearning_epochs=">= 1",
+                unlearning_lr="> 0")
 
 
 def phase_view(data: ImageSet, offset: int, total: int) -> ImageSet:
@@ -89,13 +88,22 @@ class AntiBackdoorLearning(Defense):
     kind = "training-time"
     version = "1"
 
+    @staticmethod
+    def isolation_epochs(cfg: ABLConfig, total: int) -> int:
+        return cfg.isolation_epochs if cfg.isolation_epochs is not None else max(1, round(0.2 * total))
+
+    @classmethod
+    def check(cls, config: ABLConfig, train, finetune) -> None:
+        isolation_epochs = cls.isolation_epochs(config, train.epochs)
+        if isolation_epochs >= train.epochs:
+            raise ValueError(f"isolation_epochs ({isolation_epochs}) must be fewer than the training recipe's "
+                             f"{train.epochs} epochs, so training continues after isolation")
+
     def run(self, ctx: DefenseContext) -> DefenseResult:
         cfg: ABLConfig = self.config
         total = ctx.train_config.epochs
-        isolation_epochs = cfg.isolation_epochs if cfg.isolation_epochs is not None else max(1, round(0.2 * total))
-        if isolation_epochs >= total:
-            raise BenchError(f"abl: isolation_epochs ({isolation_epochs}) must be fewer than the recipe's "
-                             f"{total} epochs, so training continues after isolation")
+        isolation_epochs = self.isolation_epochs(cfg, total)
+        self.check(cfg, ctx.train_config, ctx.finetune_config)
         model = ctx.build_model()
         gamma = cfg.gamma
 

@@ -35,6 +35,7 @@ from torch.nn.utils import parametrize
 
 from bench import engine
 from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
+from bench.config import require
 from bench.registry import BenchError, register_defense
 
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -55,6 +56,11 @@ class ANPConfig(DefenseConfig):
     max_acc_drop: float = 0.05     # largest pruning whose reserve accuracy stays within this of the unpruned
     bn_batch_stats: bool = True    # BatchNorm uses batch statistics while masks learn (the reference)
     curve_points: int = 20         # at most this many test-curve points (ctx.monitor) over the mask epochs
+
+    def __post_init__(self) -> None:
+        require(self, eps=">= 0", perturb_steps=">= 1", alpha="[0, 1]", mask_lr="> 0", iterations=">= 1",
+                batch_size=">= 1", threshold_step="(0, 1]", threshold_max="(0, 1]", max_acc_drop="[0, 1]",
+                curve_points=">= 1")
 
 
 def neuron_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

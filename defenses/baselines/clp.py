@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
+from bench.config import require
 from bench.registry import BenchError, register_defense
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -33,6 +34,9 @@ _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 class CLPConfig(DefenseConfig):
     u: float = 3.0                 # prune channels with UCLC > mean + u * std (per layer)
     unpaired_convs: bool = True    # also score convs not directly followed by a BatchNorm
+
+    def __post_init__(self) -> None:
+        require(self, u=">= 0")
 
 
 def channel_lipschitz_bounds(conv: nn.Module, bn: nn.Module | None = None) -> torch.Tensor:

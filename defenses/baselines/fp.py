@@ -17,7 +17,7 @@ channel fires (BN re-centres it). On a smoke badnets model that ranking left ASR
 99.8% with 32 of 64 channels cut while reserve accuracy had already fallen to 61%; the
 post-activation ranking brought ASR to 49% at the same count with no accuracy loss.
 
-Stopping rule (the issue's / BackdoorBench's ``acc_ratio``): prune the largest number of
+Stopping rule (BackdoorBench's ``acc_ratio``): prune the largest number of
 channels k such that reserve accuracy with the k least active channels removed is still
 at least ``acc_ratio`` times the unpruned reserve accuracy. Only the reserve decides.
 """
@@ -31,6 +31,7 @@ from torch import nn
 from bench import engine
 from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
 from bench.device import autocast
+from bench.config import require
 from bench.registry import BenchError, register_defense
 
 
@@ -42,10 +43,7 @@ class FinePruningConfig(DefenseConfig):
     lr: float | None = None
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.acc_ratio <= 1.0:
-            raise ValueError(f"acc_ratio must be in (0, 1], got {self.acc_ratio}")
-        if not 0.0 <= self.max_prune_ratio <= 1.0:
-            raise ValueError(f"max_prune_ratio must be in [0, 1], got {self.max_prune_ratio}")
+        require(self, acc_ratio="(0, 1]", max_prune_ratio="[0, 1]", epochs=">= 1", lr="> 0")
 
 
 def last_conv_name(model: nn.Module, probe: torch.Tensor) -> str | None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from bench import engine
 from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
+from bench.config import require
 from bench.registry import register_defense
 
 
@@ -18,6 +19,9 @@ from bench.registry import register_defense
 class FineTuningConfig(DefenseConfig):
     epochs: int | None = None   # None: the profile's fine-tuning epochs
     lr: float | None = None     # None: the profile's fine-tuning lr (0.01, cosine, as BackdoorBench's FT)
+
+    def __post_init__(self) -> None:
+        require(self, epochs=">= 1", lr="> 0")
 
 
 @register_defense("ft")

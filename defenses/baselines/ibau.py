@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import engine
+from bench.config import require
 from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
 from bench.registry import register_defense
 
@@ -54,6 +55,10 @@ class IBAUConfig(DefenseConfig):
     radius: float = 0.0             # project delta onto ||delta||_2 <= radius (pixel scale); 0: unbounded
     portion: float = 0.01           # share of each outer batch that carries delta (at least one image)
     augment: bool = False           # the reference unlearns on fixed, unaugmented batches
+
+    def __post_init__(self) -> None:
+        require(self, rounds=">= 1", K=">= 1", lr="> 0", batch_size=">= 1", outer_epochs=">= 1", inner_lr="> 0",
+                fixed_point_step="> 0", reg=">= 0", radius=">= 0", portion="(0, 1]")
 
 
 def inner_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, reg: float) -> torch.Tensor:

@@ -32,6 +32,7 @@ from torch import nn
 
 from bench import engine
 from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
+from bench.config import require
 from bench.registry import BenchError, register_defense
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
@@ -49,6 +50,7 @@ class NADConfig(DefenseConfig):
     def __post_init__(self) -> None:
         if not self.betas:
             raise ValueError("betas must name at least one stage")
+        require(self, betas=">= 0", p="> 0", teacher_epochs=">= 1", teacher_lr="> 0", epochs=">= 1", lr="> 0")
 
 
 def stage_outputs(model: nn.Module, probe: torch.Tensor, count: int) -> list[str]:

@@ -32,6 +32,7 @@ from torch import nn
 
 from bench import engine
 from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
+from bench.config import require
 from bench.registry import register_defense
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of a normal distribution's std
@@ -55,6 +56,11 @@ class NCConfig(DefenseConfig):
     unlearn_ratio: float = 0.2       # share of each fine-tuning batch stamped with a reversed trigger
     epochs: int | None = None        # None: the profile's fine-tuning recipe
     lr: float | None = None
+
+    def __post_init__(self) -> None:
+        require(self, re_epochs=">= 1", re_samples=">= 1", re_batch_size=">= 1", re_lr="> 0", init_cost=">= 0",
+                cost_multiplier="> 1", patience=">= 1", attack_succ_threshold="(0, 1]", class_chunk=">= 1",
+                anomaly_threshold="> 0", unlearn_ratio="[0, 1]", epochs=">= 1", lr="> 0")
 
 
 def median(values: torch.Tensor) -> torch.Tensor:

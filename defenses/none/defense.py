@@ -1,6 +1,6 @@
 """NONE (Wang et al., NeurIPS 2022): find the neurons that act as backdoor "hyperplanes",
-reset them, drop the training samples that drive them, and fine-tune. See the spec
-(shared/spec/none.md) for the algorithm; this module is its architecture-agnostic form.
+reset them, drop the training samples that drive them, and fine-tune. docs/none.md gives the
+algorithm step by step; this module is its architecture-agnostic form.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 from bench import engine
 from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
+from bench.config import require
 from bench.registry import BenchError, register_defense
 
 from . import diagnostics
@@ -51,18 +52,11 @@ class NoneConfig(DefenseConfig):
     analysis_batch_size: int = 512
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.lambda_low < self.lambda_high <= 1.0:
-            raise ValueError(f"need 0 <= lambda_low < lambda_high <= 1, got {self.lambda_low}, {self.lambda_high}")
-        if self.max_reset_fraction is not None and not 0.0 < self.max_reset_fraction <= 1.0:
-            raise ValueError(f"max_reset_fraction must be in (0, 1], got {self.max_reset_fraction}")
-        if self.rounds is not None and self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
-        if self.finetune_epochs is not None and self.finetune_epochs < 0:
-            raise ValueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
-        if not self.finetune_lr > 0:
-            raise ValueError(f"finetune_lr must be > 0, got {self.finetune_lr}")
-        if self.detect_channels_per_layer < 1 or self.analysis_batch_size < 1:
-            raise ValueError("detect_channels_per_layer and analysis_batch_size must be >= 1")
+        # finetune_epochs=0 is documented: the reset alone, with no fine-tuning.
+        require(self, lambda_low="[0, 1]", lambda_high="[0, 1]", max_reset_fraction="(0, 1]", rounds=">= 1",
+                finetune_epochs=">= 0", finetune_lr="> 0", detect_channels_per_layer=">= 1", analysis_batch_size=">= 1")
+        if not self.lambda_low < self.lambda_high:
+            raise ValueError(f"need lambda_low < lambda_high, got {self.lambda_low}, {self.lambda_high}")
 
     def resolved(self) -> dict:
         """The preset filled in where a field is None."""
@@ -98,7 +92,8 @@ class NONE(Defense):
             ctx.log(f"fx tracing failed ({graph.fallback_reason}); using forward hooks: no consumer slices reset")
         links = {layer.name: layer for layer in graph.layers}
         channels = {layer.name: layer.channels for layer in graph.layers}
-        recipe = ctx.finetune_recipe(epochs=settings["finetune_epochs"], lr=cfg.finetune_lr, freeze_bn=True,
+        finetune_epochs = settings["finetune_epochs"]  # 0: the reset alone (no recipe trains 0 epochs)
+        recipe = ctx.finetune_recipe(epochs=finetune_epochs or None, lr=cfg.finetune_lr, freeze_bn=True,
                                      optimizer=ctx.train_config.optimizer)
         n = len(ctx.train)
         dropped = torch.zeros(n, dtype=torch.bool)
@@ -141,12 +136,12 @@ class NONE(Defense):
             keep = torch.nonzero(~dropped).flatten() if settings["drop_flagged"] else torch.arange(n)
             record["trained_samples"] = len(keep)
             started = _now(ctx.device)
-            if recipe.epochs > 0:
+            if finetune_epochs > 0:
                 round_history = engine.train(model, ctx.train, recipe, ctx.info, seed=ctx.seed + round_index - 1,
                                              indices=keep, on_epoch_end=ctx.monitor, desc=f"none round {round_index}")
                 history += [{"round": round_index, **entry} for entry in round_history]
             record["finetune_s"] = round(_now(ctx.device) - started, 3)
-            record["finetune_s_per_epoch"] = round(record["finetune_s"] / recipe.epochs, 3) if recipe.epochs else None
+            record["finetune_s_per_epoch"] = round(record["finetune_s"] / finetune_epochs, 3) if finetune_epochs else None
             rounds.append(record)
 
             prefix = f"round{round_index}"

@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import jenkspy
 import numpy as np
 import torch
 from torch import nn
 
 from bench.data.base import ImageSet
-from bench.device import memory_format
+from bench.device import free_memory, memory_format
 
 
 @dataclass
@@ -21,14 +20,11 @@ class Activations:
 
 
 def storage_for(total_values: int, device: torch.device) -> tuple[torch.device, torch.dtype]:
-    """Where the N x channels matrices live: float32 on the device when it has room, else float16 on the host."""
-    need = total_values * 4
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if need <= 0.3 * free:
-            return device, torch.float32
-        return torch.device("cpu"), torch.float16
-    return device, (torch.float32 if need <= 4 * 2**30 else torch.float16)
+    """Where the N x channels matrices live: float32 on the device when they take at most 30% of
+    its free memory, else float16 on the host (half the bytes; the scores need no more precision)."""
+    if total_values * 4 <= 0.3 * free_memory(device):
+        return device, torch.float32
+    return torch.device("cpu"), torch.float16
 
 
 @torch.no_grad()
@@ -123,15 +119,58 @@ class Split:
     jenks_break: float | None
 
 
+def _sequential_sse(values: np.ndarray) -> float:
+    """Sum of squared deviations accumulated in the order given, as sum(v^2) - sum(v)^2 / n."""
+    total = total_squares = 0.0
+    for value in values.tolist():
+        total += value
+        total_squares += value * value
+    return total_squares - (total * total) / len(values)
+
+
+def two_class_jenks_break(values: np.ndarray) -> float:
+    """The two-class Jenks (Fisher) natural break of ``values``: the largest value of the lower
+    class of the split of the sorted values that minimises the summed within-class squared
+    deviations. Exact in O(n log n): with two classes the optimum is found by trying every split
+    point with prefix sums, where Fisher's dynamic programme (jenkspy) is quadratic.
+
+    Splits whose totals are within rounding of the minimum are decided as jenkspy decides them
+    (its own floating-point sums, ties to the larger upper class), so the break is jenkspy's
+    also on tied data, where two splits can have the same total in exact arithmetic."""
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    n = len(v)
+    centred = v - v.mean()  # centring keeps the prefix sums' cancellation small
+    s1, s2 = np.cumsum(centred), np.cumsum(centred * centred)
+    lower_sizes = np.arange(1, n)
+    lower = s2[:-1] - s1[:-1] ** 2 / lower_sizes
+    upper = (s2[-1] - s2[:-1]) - (s1[-1] - s1[:-1]) ** 2 / (n - lower_sizes)
+    total = lower + upper
+    tolerance = 1e-9 * float(s2[-1]) + 1e-300
+    candidates = np.nonzero(total <= total.min() + tolerance)[0] + 1   # lower-class sizes
+    if len(candidates) > 1:
+        # jenkspy's arithmetic: the upper class summed from the top down, the lower from its top down.
+        reverse = v[::-1]
+        upper_sum = np.add.accumulate(reverse)[::-1]
+        upper_squares = np.add.accumulate(reverse * reverse)[::-1]
+        best_size, best_total = None, None
+        for size in candidates.tolist():  # increasing lower size; ties go to the smaller (jenkspy's >=)
+            upper_sse = upper_squares[size] - (upper_sum[size] * upper_sum[size]) / float(n - size)
+            candidate = upper_sse + _sequential_sse(v[:size][::-1])
+            if best_total is None or candidate < best_total:
+                best_size, best_total = size, candidate
+        return float(v[best_size - 1])
+    return float(v[int(candidates[0]) - 1])
+
+
 def jenks_split(values: torch.Tensor) -> Split:
     """Two Jenks natural-breaks groups; samples at or above the break are flagged (as the
     spec restates the artifact; with jenkspy's convention the break is the largest value
     of the lower group, so it and its ties are flagged too). With fewer than two distinct
-    values there is nothing to split and nothing is flagged. jenkspy's exact algorithm is
-    quadratic in N (measured 2.9 s for 60 000 samples on one CPU core)."""
+    values there is nothing to split and nothing is flagged. ``two_class_jenks_break`` gives
+    jenkspy's break in O(n log n) (jenkspy: 3-9 s for 57,000 samples; this: milliseconds)."""
     array = values.double().cpu().numpy()
     if len(np.unique(array)) < 2:
         return Split(torch.empty(0, dtype=torch.long), None)
-    jenks_break = float(jenkspy.jenks_breaks(array, n_classes=2)[1])
+    jenks_break = two_class_jenks_break(array)
     flagged = torch.from_numpy(np.nonzero(array >= jenks_break)[0]).long()
     return Split(flagged, jenks_break)
