@@ -21,6 +21,8 @@ from bench.registry import BenchError
 
 @dataclass
 class AttackConfig:
+    """The settings every attack has; an attack's own ``Config`` extends it."""
+
     poison_rate: float = 0.10
     target: int = 0
     target_mode: Literal["all-to-one", "all-to-all"] = "all-to-one"
@@ -61,6 +63,18 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attack:
+    """An attack: a class registered with ``@register_attack("name")``, with a ``Config``
+    dataclass that extends ``AttackConfig`` (poison rate, target, all-to-one or all-to-all,
+    slow poisoning).
+
+    A static attack implements ``apply_trigger(x, y)``: float images in [0, 1], batched, on
+    their device, returning the stamped images; ``poison`` stamps and relabels the chosen samples
+    once. An attack that learns its trigger does it in ``prepare`` (before poisoning; TrojanNN
+    optimises against ``ctx.benign_model()``) or in ``train_model`` (while the undefended model
+    trains; Input-Aware), stores what it learned in ``state_dict`` / ``load_state_dict`` (saved
+    with the stage, so a defense cell recreates the exact trigger), and a dynamic attack returns
+    an ``ImageSet`` whose ``transform`` stamps per batch. ``version`` works as for defenses."""
+
     Config: ClassVar[type[AttackConfig]] = AttackConfig
     description: ClassVar[str] = ""
     version: ClassVar[str] = "1"  # bump when behaviour changes: it is part of every cell's identity
@@ -83,6 +97,7 @@ class Attack:
         raise NotImplementedError
 
     def target_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """The labels the backdoor sends ``y`` to: the target, or (all-to-all) the next class."""
         if self.config.target_mode == "all-to-all":
             return (y + 1) % self.info.num_classes
         return torch.full_like(y, self.config.target)
@@ -143,6 +158,7 @@ class Attack:
 
     # --- the attack stage --------------------------------------------------------------
     def train_model(self, model: nn.Module, poisoned: Poisoned, ctx: AttackContext) -> list[dict]:
+        """Train the undefended model on the poisoned set (override when the trigger trains with it)."""
         return engine.train(model, poisoned.train, ctx.train_config, ctx.info, seed=ctx.seed,
                             on_epoch_end=ctx.on_epoch_end, desc=f"attack {self.registered_name}")
 
@@ -170,9 +186,10 @@ class Attack:
 
     # --- learned state (patterns, generators) stored with the attack stage -------------
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors of what the attack learned (patterns, generator weights), saved with the stage."""
         return {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        pass
+        """Restore ``state_dict``'s tensors, so the trigger is recreated exactly."""
 
     registered_name: ClassVar[str] = "?"

@@ -27,6 +27,11 @@ class DefenseConfig:
 
 @dataclass
 class DefenseContext:
+    """What ``Defense.run`` gets. Which parts a defense may use depends on its ``kind`` (see
+    docs/protocol.md): post-training defenses learn from ``reserve``, training-time ones from
+    ``train``; ``monitor`` measures test metrics for the report's curves, never for a decision.
+    ``model`` is the cell's own copy: modify it in place or build a new one."""
+
     model: nn.Module                      # a private copy of the undefended model, on the device
     build_model: Callable[[], nn.Module]  # a fresh untrained model of the cell's architecture
     train: ImageSet                       # the poisoned training set (training-time defenses)
@@ -47,6 +52,11 @@ class DefenseContext:
 
 @dataclass
 class DefenseResult:
+    """What ``Defense.run`` returns. ``flagged`` holds indices into ``ctx.train`` of the samples
+    the defense believes poisoned: given, the cell also reports detection precision, recall and
+    FPR against the true poisoned indices (which the defense never sees). ``details`` is stored
+    with the cell and shown in the report; ``tensors`` are saved as ``defense.safetensors``."""
+
     model: nn.Module
     flagged: torch.Tensor | None = None   # training indices flagged as poisoned (detection metrics)
     history: list[dict] = field(default_factory=list)
@@ -56,6 +66,18 @@ class DefenseResult:
 
 
 class Defense:
+    """A defense: a class registered with ``@register_defense("name")``.
+
+    ``Config`` is a dataclass of its hyper-parameters (each one settable and sweepable with
+    ``-o defense.<name>.<field>=...``; check ranges in ``__post_init__`` with
+    ``bench.config.require``). ``kind`` says what it may use: ``post-training`` (the undefended
+    model and the clean reserve), ``training-time`` (the poisoned training set; it may train from
+    scratch), ``data-free`` (the model alone) or ``reference``. ``version`` is part of every cell's
+    id: bump it when a change alters results, so that stale cells are recomputed (a plugin from
+    outside the project is identified by the sha256 of its source file as well). ``run(ctx)``
+    gets a ``DefenseContext`` and returns a ``DefenseResult``; it is called once per cell, with
+    the global torch seed set to the cell's seed."""
+
     Config: ClassVar[type] = DefenseConfig
     description: ClassVar[str] = ""
     kind: ClassVar[DefenseKind] = "post-training"
@@ -76,4 +98,5 @@ class Defense:
         is expanded, before any work starts; field ranges belong in the Config's __post_init__."""
 
     def run(self, ctx: DefenseContext) -> DefenseResult:
+        """Defend: return the defended model (and, optionally, the flagged samples)."""
         raise NotImplementedError

@@ -50,3 +50,26 @@ def smoke_cell(workspace):
         return run_defense_cell(cells[0], workspace)
 
     return run
+
+
+@pytest.fixture
+def registries():
+    """Restore every registry (and the imported plugin modules) after a test that loads plugins."""
+    import sys
+
+    from bench import registry
+
+    registry.load_builtin_plugins()
+    kinds = (registry.DATASETS, registry.MODELS, registry.ATTACKS, registry.DEFENSES, registry.PROFILES)
+    saved = [dict(r._entries) for r in kinds]
+    modules = set(sys.modules)
+    hashes = dict(registry._source_hashes)
+    yield
+    for r, entries in zip(kinds, saved):
+        r._entries.clear()
+        r._entries.update(entries)
+    for name in set(sys.modules) - modules:
+        if name.startswith("bench_plugin_"):
+            del sys.modules[name]
+    registry._source_hashes.clear()
+    registry._source_hashes.update(hashes)

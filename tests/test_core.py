@@ -183,6 +183,30 @@ def test_readme_plugin_lists_are_generated_from_the_registries():
         assert f"`{name}`" in readme
 
 
+def test_plugin_contract_page_is_generated_from_the_current_docstrings():
+    from bench.readme import CONTRACT, plugin_contract
+
+    assert CONTRACT.read_text() == plugin_contract(), "docs/plugins.md is stale: run `make readme`"
+    assert "docs/plugins.md" in (CONTRACT.parents[1] / "README.md").read_text()
+
+
+def test_the_contract_pages_flagging_defense_runs_and_gets_detection_metrics(tmp_path, smoke_cell, registries):
+    """The second example of docs/plugins.md, as a user would save it: a --plugin file."""
+    import re
+
+    from bench.readme import CONTRACT
+    from bench.registry import load_plugin_file
+
+    block = re.search(r"<!-- example-flagging-defense -->\s*```python\n(.*?)```", CONTRACT.read_text(), re.S)
+    plugin = tmp_path / "spectral.py"
+    plugin.write_text(block.group(1))
+    load_plugin_file(plugin)
+    result = smoke_cell("badnets", "spectral", overrides=["defense.spectral.epochs=2"])
+    metrics = result["metrics"]
+    assert {"det_precision", "det_recall", "det_fpr", "det_flagged"} <= set(metrics)
+    assert metrics["det_flagged"] == result["details"]["removed"] > 0
+
+
 def test_benign_rows_get_the_reasr_scan_and_none_its_natural_preset():
     cells = expand(GridRequest("synthetic", "quick", attacks=["badnets", "benign"], defenses=["undefended", "none"]))
     by_row = {(c.stage.attack, c.defense): c for c in cells}

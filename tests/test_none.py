@@ -306,7 +306,7 @@ def test_none_removes_badnets_on_the_smoke_profile(smoke_cell, workspace):
     # The smoke CNN's analysed layers have 32, 64 and 64 channels, so the injected preset's 3%
     # resets 1-2 channels per layer; here the trigger spreads over ~4 high-gap channels of the
     # last layer (see the defaults test below), so this test resets 10% (a value the NONE sweep in the sample report uses).
-    # Over seeds 0-2 x 1-2 threads x AVX-512 / AVX2: ASR 0%, C-ACC 100%, recall 91.8-96.1%.
+    # Over seeds 0-2 x 1-2 threads x AVX-512 / AVX2: ASR 0%, C-ACC 100%, recall 93.2-97.1%.
     result = smoke_cell("badnets", "none", overrides=["defense.none.finetune_epochs=5",
                                                       "defense.none.max_reset_fraction=0.1"])
     metrics = result["metrics"]
@@ -327,8 +327,8 @@ def test_none_removes_badnets_on_the_smoke_profile(smoke_cell, workspace):
 @pytest.mark.trained
 def test_none_injected_defaults_cut_badnets_and_find_its_samples(smoke_cell):
     # Measured with the default 3% reset over seeds 0-2 x 1-2 threads x AVX-512 / AVX2 kernels:
-    # ASR 0.2-35.2% (bound: half the undefended ~97-99%), C-ACC 100%, recall 91.8-96.1%, precision
-    # 96.2-100% (bounds 80): at least halving ASR is the stable claim.
+    # ASR 0.1-38.4% (bound: half the undefended ~97-99%), C-ACC 100%, recall 93.2-97.1%, precision
+    # 96.5-100% (bounds 80): at least halving ASR is the stable claim.
     undefended = smoke_cell("badnets", "undefended")["metrics"]
     metrics = smoke_cell("badnets", "none", overrides=["defense.none.finetune_epochs=5"])["metrics"]
     at_most("ASR", metrics["asr"], undefended["asr"] / 2)

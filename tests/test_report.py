@@ -376,3 +376,21 @@ def test_reasr_report_survives_missing_artifacts(tmp_path):
     text = (bare / "README.md").read_text()
     assert not (bare / "figures" / "triggers_benign.png").exists() and "triggers_benign" not in text
     assert_valid_figure(bare / "figures" / "reasr_benign.png")
+
+
+def test_every_defense_has_its_own_colour_and_marker_plugins_included():
+    """Before: abl and nad were drawn in the same blue, ibau and nc in near-identical light blues."""
+    from matplotlib.colors import to_rgb
+
+    from bench.registry import DEFENSES
+    from bench.report.palette import defense_markers, defense_palette
+
+    plugins = [f"plugin-{i}" for i in range(6)]
+    palette, markers = defense_palette(plugins), defense_markers(plugins)
+    names = DEFENSES.names() + plugins
+    assert set(names) <= set(palette) and set(names) <= set(markers)
+    colours = [to_rgb(palette[name]) for name in names]
+    closest = min(sum((a - b) ** 2 for a, b in zip(c1, c2)) ** 0.5
+                  for i, c1 in enumerate(colours) for c2 in colours[i + 1:])
+    assert closest >= 0.15, f"two defenses' colours are {closest:.3f} apart in RGB"
+    assert len({markers[name] for name in DEFENSES.names()}) == len(DEFENSES.names())

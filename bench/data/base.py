@@ -103,6 +103,8 @@ class Dataset:
     cache_version: ClassVar[str] = "1"
 
     def load(self, root: Path) -> tuple[ImageSet, ImageSet]:
+        """The (train, test) sets, read from ``root / info.name`` (raise BenchError naming the files or
+        download needed when they are missing); decoded once, then cached by ``load_dataset``."""
         raise NotImplementedError
 
     def cache_key(self) -> str:

@@ -23,6 +23,13 @@ class Normalize(nn.Module):
 
 
 class ImageClassifier(nn.Module):
+    """What every model is: ``normalize`` (the dataset's mean and std, so that models take
+    images in [0, 1]), ``body`` (the features, ending in one pooled vector of ``num_features``
+    per image) and ``classifier`` (one linear layer). A model plugin is a function
+    ``(info: DatasetInfo) -> ImageClassifier`` registered with ``@register_model("name")``;
+    defenses that select units (NONE, Fine-Pruning, ANP, CLP) analyse the convolutions of
+    ``body``, and ``features`` gives the penultimate features (t-SNE, NAD)."""
+
     def __init__(self, body: nn.Module, num_features: int, info: DatasetInfo) -> None:
         super().__init__()
         self.normalize = Normalize(info.mean, info.std)

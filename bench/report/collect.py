@@ -303,7 +303,7 @@ def aggregate(frame: pd.DataFrame, by: list[str], metrics: tuple[str, ...] = MAI
         done = group[group["status"] == "done"]
         record = dict(zip(by, keys))
         record.update(n=len(group), n_done=len(done), n_failed=int((group["status"] == "failed").sum()),
-                      n_running=int((group["status"] == "running").sum()), seeds=sorted(group["seed"].unique().tolist()))
+                      n_running=int(group["status"].isin(("running", "interrupted")).sum()), seeds=sorted(group["seed"].unique().tolist()))
         for name in metrics:
             values = done[name].dropna()
             record[name] = float(values.mean()) if len(values) else math.nan

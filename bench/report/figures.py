@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator
 
 from bench.report.collect import (REFERENCE, Setup, aggregate, has_trigger, lookup, status_of, swept_fields,
                                   short)
-from bench.report.palette import FAILED_EDGE, FAILED_HATCH
+from bench.report.palette import FAILED_EDGE, FAILED_HATCH, defense_markers
 
 STATE_TEXT = {"failed": "failed", "missing": "—", "running": "running"}
 
@@ -140,6 +140,7 @@ def scatter(setup: Setup, palette: dict[str, str], stem: Path) -> FigureFile | N
     primary = setup.primary()
     table = aggregate(primary, ["defense", "attack_label"], ("c_acc", "asr"))
     defenses = [d for d in _defense_names(primary) if d != REFERENCE]
+    markers = defense_markers(list(palette))
     rows, cols = _grid(len(attacks))
     with style():
         fig = Figure(figsize=(3.6 * cols + 1.8, 3.4 * rows))
@@ -165,7 +166,8 @@ def scatter(setup: Setup, palette: dict[str, str], stem: Path) -> FigureFile | N
                 ax.errorbar(record["asr"], record["c_acc"],
                             xerr=None if math.isnan(record["asr_std"]) else record["asr_std"],
                             yerr=None if math.isnan(record["c_acc_std"]) else record["c_acc_std"],
-                            fmt="o", markersize=8, color=palette.get(defense, "#000000"), markeredgecolor="white",
+                            fmt=markers.get(defense, "o"), markersize=8, color=palette.get(defense, "#000000"),
+                            markeredgecolor="white",
                             zorder=4, alpha=0.95)
             if absent:
                 ax.text(0.98, 0.03, "\n".join(absent), transform=ax.transAxes, ha="right", va="bottom", fontsize=7,
@@ -176,7 +178,8 @@ def scatter(setup: Setup, palette: dict[str, str], stem: Path) -> FigureFile | N
         for ax in axes[len(attacks):]:
             ax.set_visible(False)
         handles = [Line2D([], [], marker="X", linestyle="", markersize=9, color=palette[REFERENCE], label="undefended")]
-        handles += [Line2D([], [], marker="o", linestyle="", markersize=8, color=palette.get(d, "#000000"), label=d)
+        handles += [Line2D([], [], marker=markers.get(d, "o"), linestyle="", markersize=8, color=palette.get(d, "#000000"),
+                           label=d)
                     for d in defenses]
         handles.append(Line2D([], [], marker="*", linestyle="", markersize=13, color="#f2b701", label="ideal"))
         fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)

@@ -108,7 +108,7 @@ def write_index(store, out_dir: Path) -> Path:
             f"not rendered yet (`python -m bench report --dataset {dataset}`)"
         extra = f" (+{len(data.setups) - 1} other setup{'s' if len(data.setups) > 2 else ''})" if len(data.setups) > 1 else ""
         rows.append([dataset, data.main.label + extra,
-                     ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "failed", "running") if counts.get(s, 0)), link])
+                     ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "failed", "running", "interrupted") if counts.get(s, 0)), link])
     lines += ["## Reports", "", markdown_table(["dataset", "setup", "cells", "report"], rows, ["l"] * 4), ""]
     table = pd.concat([dataset_summary(data.main, dataset) for dataset, data in loaded.items()], ignore_index=True)
     defenses = [REFERENCE] + sorted(d for d in table["defense"].unique() if d != REFERENCE)

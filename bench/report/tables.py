@@ -199,7 +199,7 @@ def setup_table(setup: Setup, dataset: str) -> str:
         ["seeds", ", ".join(map(str, seeds)) + (" (mean ± sample std over seeds)" if len(seeds) > 1 else "")],
         ["attack stage training", _recipe(d.get("train"))], ["fine-tuning recipe (defaults)", _recipe(d.get("finetune"))],
         ["poisoning", "; ".join(rates) or DASH],
-        ["cells", ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "failed", "running") if counts.get(s, 0))],
+        ["cells", ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "failed", "running", "interrupted") if counts.get(s, 0))],
         ["device", "; ".join(devices) or DASH], ["host", ", ".join(hosts) or DASH],
         ["versions", "; ".join(versions) or DASH],
         ["results dated", f"{_utc(finished.min())} – {_utc(finished.max())}" if len(finished) else DASH],
