@@ -100,3 +100,15 @@ class Defense:
     def run(self, ctx: DefenseContext) -> DefenseResult:
         """Defend: return the defended model (and, optionally, the flagged samples)."""
         raise NotImplementedError
+
+    # The report's hook: a defense may ship figures of its own, drawn from what its cell stored.
+    report_figures_title: ClassVar[str] = ""
+    report_figures_caption: ClassVar[str] = ""
+
+    @classmethod
+    def report_figures(cls, artifact_dir: Path, poisoned_indices: torch.Tensor | None) -> list[Path] | None:
+        """PNG figures of a finished cell, (re)drawn from its artifact directory, for the report.
+        ``poisoned_indices`` is the stage's ground truth: the report may show it, the defense's run
+        never sees it. None (the default): the defense has no figures of its own. The report finds
+        this through the registry, so it never imports a defense's module."""
+        return None

@@ -49,7 +49,10 @@ import: load only files you trust.
 plugins that includes their `version` (bump it when a change alters results, so stale cells are
 recomputed); for a plugin from outside the project it also includes the sha256 of the file that
 defines it, so editing the file re-runs its cells. The store records the id; `run` skips
-finished cells by it.
+finished cells by it. With each cell the store also records the plugin files and entry points it
+used (path and sha256): `report` reloads those files when they are still there (so no `--plugin`
+is needed), names the ones that are missing and what that leaves out, and its Reproduce command
+passes `--plugin` for each.
 
 **Seeds and devices.** `run(ctx)` is called with the global torch seed set to the cell's seed;
 seed your own generators from `self.seed` / `ctx.seed`. Data are uint8 tensors already on
@@ -184,7 +187,8 @@ def plugin_contract() -> str:
 
     text = CONTRACT_HEAD.replace("{example}", EXAMPLE_FLAGGING_DEFENSE)
     parts = [text, "## Defenses", ""]
-    parts += _section("Defense", Defense, ("Config", "kind", "version", "defaults_for_attack", "run", "check"))
+    parts += _section("Defense", Defense, ("Config", "kind", "version", "defaults_for_attack", "run", "check",
+                                           "report_figures", "report_figures_title", "report_figures_caption"))
     parts += _section("DefenseContext", DefenseContext, ("finetune_recipe",))
     parts += _section("DefenseResult", DefenseResult)
     parts += ["## Attacks", ""]

@@ -139,6 +139,20 @@ def source_hash(obj: Any) -> str | None:
     return _source_hashes[module_name]
 
 
+def plugin_origin(obj: Any, kind: str, name: str) -> dict | None:
+    """Where a plugin from outside the project came from: its ``--plugin`` file or the installed
+    module an entry point named, with the sha256 of that source. None for the built-ins. Stored
+    with each cell, so a report can print the ``--plugin`` files its Reproduce command needs."""
+    digest = source_hash(obj)
+    if digest is None:
+        return None
+    module_name = getattr(obj, "__module__", "")
+    path = getattr(sys.modules.get(module_name), "__file__", None)
+    via = "file" if module_name.startswith("bench_plugin_") else "entry point"
+    return {"kind": kind, "name": name, "via": via, "module": module_name,
+            "path": str(Path(path).resolve()) if path else None, "sha256": digest}
+
+
 def load_plugin_file(path: str | Path) -> None:
     """Import a plugin from a Python file; its decorators register what it defines.
     This runs the file's code, with the rights of the user who runs the benchmark."""

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS cells (
     dataset TEXT NOT NULL, model TEXT NOT NULL, attack TEXT NOT NULL, defense TEXT NOT NULL,
     seed INTEGER NOT NULL, profile TEXT NOT NULL,
     config TEXT NOT NULL, status TEXT NOT NULL, error TEXT,
-    metrics TEXT, timings TEXT, environment TEXT, details TEXT, started REAL, finished REAL
+    metrics TEXT, timings TEXT, environment TEXT, details TEXT, started REAL, finished REAL,
+    plugins TEXT   -- JSON: the --plugin files and entry points the cell used, with their sha256
 );
 CREATE INDEX IF NOT EXISTS cells_by_dataset ON cells(dataset, status);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -79,6 +80,9 @@ class ResultStore:
         try:
             with closing(self._connect()) as conn, conn:
                 conn.executescript(SCHEMA)
+                columns = {row[1] for row in conn.execute("PRAGMA table_info(cells)")}
+                if "plugins" not in columns:  # stores made before plugin provenance was recorded
+                    conn.execute("ALTER TABLE cells ADD COLUMN plugins TEXT")
                 if artifacts_root is not None:
                     conn.execute("INSERT INTO meta VALUES ('artifacts_root', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                                  (str(Path(artifacts_root).resolve()),))
@@ -212,11 +216,12 @@ class ResultStore:
     def cell_running(self, spec) -> None:
         stage = spec.stage
         self._write(
-            "INSERT INTO cells (id, stage_id, dataset, model, attack, defense, seed, profile, config, status, started) "
-            "VALUES (?,?,?,?,?,?,?,?,?,'running',?) ON CONFLICT(id) DO UPDATE SET status='running', error=NULL, started=excluded.started",
+            "INSERT INTO cells (id, stage_id, dataset, model, attack, defense, seed, profile, config, status, started, plugins) "
+            "VALUES (?,?,?,?,?,?,?,?,?,'running',?,?) ON CONFLICT(id) DO UPDATE SET status='running', error=NULL, "
+            "started=excluded.started, plugins=excluded.plugins",
             (spec.id, stage.id, stage.dataset, stage.model, stage.attack, spec.defense, stage.seed, stage.profile,
              json.dumps({**_stage_config(stage), "defense": spec.defense, "defense_config": spec.defense_config}, sort_keys=True),
-             time.time()))
+             time.time(), json.dumps(_plugins(spec))))
 
     def cell_done(self, cell_id: str, result: dict) -> None:
         started, finished = _wall(result)
@@ -258,6 +263,17 @@ class ResultStore:
             return [row[0] for row in conn.execute("SELECT DISTINCT dataset FROM cells ORDER BY dataset")]
 
 
+def _plugins(spec) -> list[dict]:
+    """The plugins from outside the project that a cell uses (``bench.registry.plugin_origin``)."""
+    from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, plugin_origin
+
+    stage = spec.stage
+    used = [("defense", spec.defense, DEFENSES), ("attack", stage.attack, ATTACKS), ("dataset", stage.dataset, DATASETS),
+            ("model", stage.model, MODELS)]
+    return [origin for kind, name, registry in used if name in registry
+            and (origin := plugin_origin(registry.get(name), kind, name)) is not None]
+
+
 def _stage_config(spec) -> dict:
     import dataclasses
 
@@ -272,7 +288,7 @@ def _with_liveness(record: dict[str, Any], live: set[str]) -> dict[str, Any]:
 
 def _decode(row: sqlite3.Row) -> dict[str, Any]:
     record = dict(row)
-    for key in ("config", "metrics", "timings", "environment", "details"):
+    for key in ("config", "metrics", "timings", "environment", "details", "plugins"):
         if key in record and record[key] is not None:
             record[key] = json.loads(record[key])
     return record

@@ -450,8 +450,24 @@ def test_a_failed_cell_makes_run_exit_1_with_a_summary(tmp_path):
     assert "--retry-failed" in result.stderr
     with sqlite3.connect(store) as conn:
         assert dict(conn.execute("SELECT defense, status FROM cells")) == {"broken": "failed", "undefended": "done"}
-    # The report goes beside the store, never over the repository's committed reports/.
+    # The store records the plugin file; the report goes beside the store (never over the repository's
+    # committed reports/), reloads the file by itself, and its Reproduce command names it.
+    rows = json.loads(bench("results", "--store", str(store), "--format", "json").stdout)
+    broken = next(row for row in rows if row["defense"] == "broken")
+    assert [(p["kind"], p["via"], p["path"]) for p in broken["plugins"]] == [("defense", "file", str(plugin.resolve()))]
     committed = (REPO / "reports" / "index.md").stat().st_mtime_ns if (REPO / "reports" / "index.md").exists() else None
-    bench("--plugin", str(plugin), "report", "--store", str(store), "--no-tsne")
-    assert (tmp_path / "reports" / "synthetic" / "README.md").is_file()
+    bench("report", "--store", str(store), "--no-tsne")
+    readme = (tmp_path / "reports" / "synthetic" / "README.md").read_text()
     assert ((REPO / "reports" / "index.md").stat().st_mtime_ns if committed else None) == committed
+    command = next(line for line in readme.splitlines() if line.startswith("python -m bench run"))
+    assert f"--plugin {plugin.resolve()}" in command
+    # Run as printed, in a fresh shell, it re-creates the same cells.
+    again = tmp_path / "again" / "bench.sqlite"
+    subprocess.run(f"{command} --store {again} --no-report", shell=True, cwd=tmp_path, capture_output=True,
+                   env={**os.environ, "BENCH_PROGRESS": "0", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    with sqlite3.connect(store) as first, sqlite3.connect(again) as second:
+        assert sorted(first.execute("SELECT id FROM cells")) == sorted(second.execute("SELECT id FROM cells"))
+    # Without the file, the report says what is missing instead of silently dropping it.
+    plugin.unlink()
+    bench("report", "--store", str(store), "--no-tsne")
+    assert f"`{plugin.resolve()}` is missing here" in (tmp_path / "reports" / "synthetic" / "README.md").read_text()

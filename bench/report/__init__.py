@@ -9,7 +9,9 @@ trigger-inversion scan: table and figures), ``exports``
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
+import sys
 from pathlib import Path
 
 from bench.report import diagnostics, exports, figures, reasr, tables, tsne
@@ -28,6 +30,7 @@ def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True
                  device: str = "auto") -> Path:
     """Write ``<out_dir>/<dataset>/`` (README.md, results.csv, results.json, figures/) and return
     that directory. ``tsne_figure=False`` skips the only part that loads models."""
+    plugin_notes = load_recorded_plugins(store.cells(dataset=dataset))
     data = load(store, dataset)
     directory = Path(out_dir) / dataset
     directory.mkdir(parents=True, exist_ok=True)
@@ -41,6 +44,9 @@ def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True
     notes_file = directory / "NOTES.md"
     if notes_file.is_file():
         lines += [notes_file.read_text().strip(), ""]
+    if plugin_notes:
+        lines += ["**Plugins from outside the project** (recorded with the cells):", ""]
+        lines += [f"- {note}" for note in plugin_notes] + [""]
     if not data.setups:
         lines += ["The results store holds no cells for this dataset yet: run `python -m bench run --dataset "
                   f"{dataset}`.", ""]
@@ -66,6 +72,44 @@ def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True
               "- `figures/`: every figure as PNG and SVG", ""]
     (directory / "README.md").write_text("\n".join(lines))
     return directory
+
+
+def load_recorded_plugins(cells: list[dict]) -> list[str]:
+    """Load the ``--plugin`` files the store's cells used, when they are still where they were, and
+    say for each what it is and what its absence (or a change since the run) means for the report."""
+    from bench import progress
+    from bench.registry import BenchError, load_plugin_file, plugin_module_name
+
+    seen: dict[str, dict] = {}
+    for cell in cells:
+        for plugin in cell.get("plugins") or []:
+            seen.setdefault(plugin.get("path") or plugin.get("module"), plugin)
+    notes = []
+    for key, plugin in sorted(seen.items()):
+        label = f"{plugin['kind']} `{plugin['name']}`"
+        if plugin.get("via") != "file":
+            notes.append(f"{label}: entry point `{plugin.get('module')}` (sha256 {plugin['sha256']}); install its package "
+                         "to reproduce these cells")
+            continue
+        path = Path(key)
+        if not path.is_file():
+            note = (f"{label}: `{path}` is missing here, so its defaults and anything that needs its code (the t-SNE "
+                    "of its models, its default-setting labels) are left out, and Reproduce needs the file back")
+            progress.log(f"[yellow]report: plugin file {path} is missing[/yellow]")
+        else:
+            current = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            try:
+                if plugin_module_name(path) not in sys.modules:
+                    load_plugin_file(path)
+            except BenchError as exc:
+                notes.append(f"{label}: `{path}` did not load ({exc})")
+                continue
+            note = f"{label}: `{path}` (sha256 {plugin['sha256']})"
+            if current != plugin["sha256"]:
+                note += ("; the file has changed since these cells ran (now "
+                         f"{current}): running it again gives new cell ids")
+        notes.append(note)
+    return notes
 
 
 def _figure_lines(figure: FigureFile | None, directory: Path, level: str) -> list[str]:
@@ -133,12 +177,10 @@ def _section(data: ReportData, setup: Setup, figure_dir: Path, prefix: str, pale
     curve, curve_notes = figures.curves(setup, palette, data.artifacts_root, figure_dir / f"{prefix}curves")
     lines += _figure_lines(curve, directory, sub)
     notes += curve_notes
-    groups, diag_notes = diagnostics.collect(data, setup, figure_dir / f"{prefix}none")
+    sections, diag_notes = diagnostics.collect(data, setup, figure_dir, prefix)
     notes += diag_notes
-    if groups:
-        lines += [f"{sub} NONE diagnostics", "",
-                  "Drawn by the NONE defense: channel scores per analysed layer and the per-sample detection score "
-                  "histogram (poisoned vs clean by ground truth).", ""]
+    for title, caption, groups in sections:
+        lines += [f"{sub} {title}", ""] + ([caption, ""] if caption else [])
         for heading, group in groups:
             lines += [f"**{heading}**", ""]
             for figure in group:

@@ -186,7 +186,7 @@ def load(store: ResultStore, dataset: str) -> ReportData:
             "setup_key": _canonical(_setup_fields(config)), "setup_fields": _setup_fields(config),
             # as stored (None for a failed cell), so the JSON export is the store's own record
             "metrics": cell.get("metrics"), "timings": cell.get("timings"), "environment": cell.get("environment"),
-            "details": cell.get("details"),
+            "details": cell.get("details"), "plugins": cell.get("plugins") or [],
             "stage_status": stage.get("status"), "stage_s": _number((stage.get("timings") or {}).get("total_s")),
             "undef_c_acc": _number(stage_metrics.get("c_acc")), "undef_asr": _number(stage_metrics.get("asr")),
             "undef_ra": _number(stage_metrics.get("ra")), "poison_rate": _number(stage_metrics.get("poison_rate")),

@@ -1,29 +1,28 @@
-"""NONE's diagnostics (channel scores per layer, detection-score histogram) in the report.
-
-The NONE defense draws them into its cell's artifact directory; the report copies them
-next to its other figures. When the NONE module offers ``render_diagnostics(artifact_dir,
-poisoned_indices)`` it is asked to (re)draw them first, with the ground truth that only
-the report (never the defense) may see.
+"""Figures a defense ships for its own cells (``Defense.report_figures``), e.g. NONE's channel
+scores and detection histogram. The report finds the hook through the registry and calls it with
+the stage's ground truth, which only the report (never the defense's run) may see; it never
+imports a defense's module.
 """
 from __future__ import annotations
 
-import importlib
 import shutil
 from pathlib import Path
 
 from bench.report.collect import ReportData, Setup
 from bench.report.figures import FigureFile, _slug
 
-NONE_DEFENSE = "none"
 
+def _hook(defense: str):
+    """The defense's class when it ships figures, else None (unknown here, or no hook)."""
+    from bench.defense import Defense
+    from bench.registry import DEFENSES
 
-def _renderer():
-    try:
-        module = importlib.import_module("defenses.none")
-    except ImportError:
+    if defense not in DEFENSES:
         return None
-    render = getattr(module, "render_diagnostics", None)
-    return render if callable(render) else None
+    cls = DEFENSES.get(defense)
+    overridden = getattr(cls, "report_figures", None) is not None and \
+        getattr(cls.report_figures, "__func__", None) is not getattr(Defense.report_figures, "__func__", None)
+    return cls if overridden else None
 
 
 def _poisoned(root: Path, stage_id: str):
@@ -33,54 +32,50 @@ def _poisoned(root: Path, stage_id: str):
     return load_file(str(path))["poisoned_indices"] if path.is_file() else None
 
 
-def collect(data: ReportData, setup: Setup, directory: Path) -> tuple[list[tuple[str, list[FigureFile]]], list[str]]:
-    """[(heading, figures)] per finished NONE cell (first seed of each attack and variant)."""
+def collect(data: ReportData, setup: Setup, figure_dir: Path,
+            prefix: str) -> tuple[list[tuple[str, str, list[tuple[str, list[FigureFile]]]]], list[str]]:
+    """[(title, caption, [(heading, figures)])] per defense with a figure hook: the first seed of
+    each of its finished (attack, variant) cells, copied to ``figure_dir/<prefix><defense>/``. When
+    the hook draws nothing, the PNGs the defense left in its cell directory are used."""
     frame = setup.cells
-    cells = frame[(frame["defense"] == NONE_DEFENSE) & (frame["status"] == "done")]
     notes: list[str] = []
-    groups = []
-    render = _renderer()
-    for (attack, variant), sub in cells.groupby(["attack_label", "defense_label"], sort=False):
-        cell = sub.sort_values("seed").iloc[0]
-        source = data.artifacts_root / cell["id"]
-        if render is not None and source.is_dir():
-            try:
-                produced = render(source, _poisoned(data.artifacts_root, cell["stage_id"]))
-            except Exception as exc:  # a diagnostics bug must not cost the whole report
-                notes.append(f"NONE diagnostics of {attack} ({variant}) failed to render: {exc.__class__.__name__}: {exc}")
-                produced = None
-        else:
-            produced = None
-        pngs = _pngs(source, produced)
-        if not pngs:
-            notes.append(f"{variant} x {attack}: no diagnostics figures in {source}")
+    sections = []
+    for defense in sorted(frame["defense"].unique()):
+        cls = _hook(defense)
+        if cls is None:
             continue
-        figures = []
-        prefix = f"{_slug(attack)}_{_slug(variant)}_seed{cell['seed']}"
-        directory.mkdir(parents=True, exist_ok=True)
-        for png in pngs:
-            name = f"{prefix}_{_slug(png.stem)}"
-            shutil.copyfile(png, directory / f"{name}.png")
-            vector = None
-            for suffix in (".svg", ".pdf"):
-                if png.with_suffix(suffix).is_file():
-                    vector = directory / f"{name}{suffix}"
-                    shutil.copyfile(png.with_suffix(suffix), vector)
-                    break
-            figures.append(FigureFile(png.stem.replace("_", " "), directory / f"{name}.png", vector, ""))
-        groups.append((f"{variant} on {attack} (seed {cell['seed']})", figures))
-    return groups, notes
-
-
-def _pngs(source: Path, produced) -> list[Path]:
-    paths: list[Path] = []
-    if isinstance(produced, (str, Path)):
-        produced = [produced]
-    if isinstance(produced, (list, tuple)):
-        paths = [Path(p) for p in produced if str(p).endswith(".png") and Path(p).is_file()]
-    elif isinstance(produced, dict):
-        paths = [Path(p) for p in produced.values() if str(p).endswith(".png") and Path(p).is_file()]
-    if not paths and source.is_dir():
-        paths = sorted(source.glob("*.png"))
-    return sorted(set(paths))
-
+        groups = []
+        cells = frame[(frame["defense"] == defense) & (frame["status"] == "done")]
+        for (attack, variant), sub in cells.groupby(["attack_label", "defense_label"], sort=False):
+            cell = sub.sort_values("seed").iloc[0]
+            source = data.artifacts_root / cell["id"]
+            try:
+                produced = cls.report_figures(source, _poisoned(data.artifacts_root, cell["stage_id"])) \
+                    if source.is_dir() else None
+            except Exception as exc:  # a figure bug must not cost the whole report
+                notes.append(f"{defense} figures of {attack} ({variant}) failed to render: {exc.__class__.__name__}: {exc}")
+                produced = None
+            pngs = [Path(p) for p in produced or [] if str(p).endswith(".png") and Path(p).is_file()]
+            if not pngs and source.is_dir():
+                pngs = sorted(source.glob("*.png"))
+            if not pngs:
+                notes.append(f"{variant} x {attack}: no {defense} figures in {source}")
+                continue
+            figures = []
+            stem = f"{_slug(attack)}_{_slug(variant)}_seed{cell['seed']}"
+            target = figure_dir / f"{prefix}{_slug(defense)}"
+            target.mkdir(parents=True, exist_ok=True)
+            for png in sorted(set(pngs)):
+                name = f"{stem}_{_slug(png.stem)}"
+                shutil.copyfile(png, target / f"{name}.png")
+                vector = None
+                for suffix in (".svg", ".pdf"):
+                    if png.with_suffix(suffix).is_file():
+                        vector = target / f"{name}{suffix}"
+                        shutil.copyfile(png.with_suffix(suffix), vector)
+                        break
+                figures.append(FigureFile(png.stem.replace("_", " "), target / f"{name}.png", vector, ""))
+            groups.append((f"{variant} on {attack} (seed {cell['seed']})", figures))
+        if groups:
+            sections.append((cls.report_figures_title or f"{defense} figures", cls.report_figures_caption, groups))
+    return sections, notes

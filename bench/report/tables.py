@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import shlex
 import math
 
 import pandas as pd
@@ -238,7 +239,11 @@ def reproduce_command(setup: Setup, dataset: str) -> str:
 
     frame = setup.cells
     d = setup.description
-    parts = ["python -m bench run", f"--dataset {dataset}", f"--profile {d.get('profile')}"]
+    parts = ["python -m bench run"]
+    # The --plugin files the cells used, at the paths they were loaded from (their code is part of the ids).
+    files = sorted({p["path"] for plugins in frame.get("plugins", []) for p in plugins or [] if p.get("via") == "file"})
+    parts += [f"--plugin {shlex.quote(path)}" for path in files]
+    parts += [f"--dataset {dataset}", f"--profile {d.get('profile')}"]
     overrides: list[str] = []
     try:
         profile = PROFILES.get(d.get("profile"))

@@ -3,6 +3,6 @@ reference row is ``undefended``. Modules: ``graph`` (layers and reset links from
 model's graph), ``scoring`` (collection, channel scores, Jenks split), ``diagnostics``
 (the per-cell figure), ``defense`` (the rounds)."""
 from .defense import NONE, NoneConfig
-from .diagnostics import render_diagnostics
+from .diagnostics import render_diagnostics  # matplotlib is imported only when it draws
 
 __all__ = ["NONE", "NoneConfig", "render_diagnostics"]

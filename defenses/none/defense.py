@@ -77,6 +77,15 @@ class NONE(Defense):
     # Benign rows measure natural backdoors: the paper's natural preset applies there.
     defaults_for_attack = {"benign": {"preset": "natural"}}
     version = "1"
+    report_figures_title = "NONE diagnostics"
+    report_figures_caption = ("Drawn by the NONE defense: channel scores per analysed layer and the per-sample "
+                              "detection score histogram (poisoned vs clean by ground truth).")
+
+    @classmethod
+    def report_figures(cls, artifact_dir, poisoned_indices):
+        from defenses.none.diagnostics import render_diagnostics
+
+        return [render_diagnostics(artifact_dir, poisoned_indices)]
 
     def run(self, ctx: DefenseContext) -> DefenseResult:
         cfg: NoneConfig = self.config
