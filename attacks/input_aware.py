@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import engine
-from bench.device import memory_format
 from bench.attack import Attack, AttackConfig, AttackContext, Poisoned
-from bench.data.base import ImageSet
 from bench.config import require
-from bench.registry import BenchError, register_attack
+from bench.data.base import ImageSet, to_unit
+from bench.device import memory_format
+from bench.errors import BenchError
+from bench.registry import register_attack
 
 EPSILON = 1e-7
 
@@ -282,7 +283,7 @@ class InputAware(Attack):
                                on_epoch_end=self._eval_mode_callback(ctx.on_epoch_end), desc="attack input-aware")
         engine.recalibrate_batchnorm(self.pattern_generator, clean.x)
         with torch.no_grad():
-            probe = clean.x[: min(len(clean), 512)].float() / 255
+            probe = to_unit(clean.x[: min(len(clean), 512)])
             self.mask_fraction = round(float(threshold(self.mask_generator(probe)).mean()), 4)
         self.mask_loss = round(mask_history[-1]["loss"], 4) if mask_history else float("nan")
         return history

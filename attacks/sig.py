@@ -7,8 +7,8 @@ import torch
 
 from bench import progress
 from bench.attack import Attack, AttackConfig, Poisoned, to_uint8
-from bench.data.base import ImageSet
 from bench.config import require
+from bench.data.base import ImageSet, to_unit
 from bench.registry import register_attack
 
 
@@ -72,5 +72,5 @@ class SIG(Attack):
         out = torch.empty_like(x)
         for start in range(0, len(x), 1024):
             sl = slice(start, start + 1024)
-            out[sl] = to_uint8(x[sl].float() / 255 + self.signal(delta, x.device))
+            out[sl] = to_uint8(to_unit(x[sl]) + self.signal(delta, x.device))
         return out, y, self.target_labels(y)

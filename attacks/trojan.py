@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from bench.attack import Attack, AttackConfig, AttackContext
-from bench.data.base import ImageSet
 from bench.config import require
-from bench.registry import BenchError, register_attack
+from bench.data.base import ImageSet, to_unit
+from bench.errors import BenchError
+from bench.registry import register_attack
 
 
 @dataclass
@@ -121,11 +122,11 @@ class Trojan(Attack):
         optimiser = torch.optim.Adam([pattern], lr=self.config.lr)
         try:
             with torch.no_grad():
-                probe = train.x[torch.randperm(len(train), generator=generator)[:self.config.batch_size].to(device)].float() / 255
+                probe = to_unit(train.x[torch.randperm(len(train), generator=generator)[:self.config.batch_size].to(device)])
                 before = activation(probe * (1 - mask) + pattern * mask).mean()
             for _ in range(self.config.steps):
                 batch = torch.randint(0, len(train), (self.config.batch_size,), generator=generator).to(device)
-                images = train.x[batch].float() / 255
+                images = to_unit(train.x[batch])
                 excite = activation(images * (1 - mask) + pattern * mask)
                 loss = (self.config.target_value - excite).pow(2).sum(dim=1).mean()
                 optimiser.zero_grad(set_to_none=True)

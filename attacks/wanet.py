@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.attack import Attack, AttackConfig, Poisoned
-from bench.data.base import ImageSet
 from bench.config import require
+from bench.data.base import ImageSet
 from bench.registry import register_attack
 
 

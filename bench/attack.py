@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from bench import engine
-from bench.data.base import DatasetInfo, ImageSet
 from bench.config import require
-from bench.registry import BenchError
+from bench.data.base import DatasetInfo, ImageSet, to_unit
+from bench.errors import BenchError
 
 
 @dataclass
@@ -133,7 +133,7 @@ class Attack:
         on_device = indices.to(x.device)
         for start in range(0, len(on_device), 1024):
             chunk = on_device[start:start + 1024]
-            x[chunk] = to_uint8(self.apply_trigger(x[chunk].float() / 255, y[chunk]))
+            x[chunk] = to_uint8(self.apply_trigger(to_unit(x[chunk]), y[chunk]))
             if not self.clean_label:
                 y[chunk] = self.target_labels(y[chunk])
         schedule = self.slow_schedule(len(y), indices) if self.config.schedule == "slow" else None
@@ -177,7 +177,7 @@ class Attack:
         out = torch.empty_like(x)
         for start in range(0, len(x), 1024):
             sl = slice(start, start + 1024)
-            out[sl] = to_uint8(self.apply_trigger(x[sl].float() / 255, y[sl]))
+            out[sl] = to_uint8(self.apply_trigger(to_unit(x[sl]), y[sl]))
         return out, y, self.target_labels(y)
 
     def details(self) -> dict:

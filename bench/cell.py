@@ -30,8 +30,8 @@ from bench.attack import Attack, AttackContext
 from bench.config import build_config
 from bench.data.base import DatasetInfo, ImageSet, load_dataset
 from bench.data.splits import make_splits
-from bench.device import memory_format
 from bench.defense import Defense, DefenseContext
+from bench.device import memory_format
 from bench.models.base import build_model
 from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, source_hash
 

@@ -7,7 +7,8 @@ import signal
 import sys
 from pathlib import Path
 
-from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, PROFILES, BenchError, load_builtin_plugins, load_plugin_file
+from bench.errors import BenchError
+from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, PROFILES, load_builtin_plugins, load_plugin_file
 
 DEFAULT_STORE = Path("runs/bench.sqlite")
 

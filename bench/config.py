@@ -9,7 +9,7 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
-from bench.registry import BenchError
+from bench.errors import BenchError
 
 
 class FieldError(ValueError):

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from bench.registry import BenchError
+from bench.errors import BenchError
 
 
 def resolve_device(name: str = "auto") -> torch.device:

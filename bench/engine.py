@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import progress
-from bench.data.augment import augment
 from bench.config import require
-from bench.data.base import DatasetInfo, ImageSet
+from bench.data.augment import augment
+from bench.data.base import DatasetInfo, ImageSet, to_unit
 from bench.device import autocast, memory_format
-from bench.registry import BenchError
+from bench.errors import BenchError
 
 
 class NonFiniteLoss(BenchError):
@@ -79,7 +79,7 @@ def _unit_float_batches(x: torch.Tensor, batch_size: int, device: torch.device):
     """uint8 or [0, 1] float images as [0, 1] float batches on ``device``."""
     for start in range(0, len(x), batch_size):
         batch = x[start:start + batch_size].to(device)
-        yield batch.float().div_(255) if batch.dtype == torch.uint8 else batch.float()
+        yield to_unit(batch)
 
 
 @torch.no_grad()
@@ -151,7 +151,7 @@ def train(
                 batch_idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 if len(batch_idx) == 0:
                     continue
-                x = data.x[batch_idx].float().div_(255)
+                x = to_unit(data.x[batch_idx])
                 y = data.y[batch_idx]
                 if cfg.augment:
                     x = augment(x, padding=info.crop_padding, hflip=info.hflip, generator=device_generator)

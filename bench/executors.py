@@ -166,7 +166,7 @@ class RayExecutor:
         try:
             import ray
         except ImportError:
-            from bench.registry import BenchError
+            from bench.errors import BenchError
 
             raise BenchError("--executor ray needs Ray: pip install '.[ray]' (or pip install ray)") from None
         self.ray = ray

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from bench.cell import CellSpec, StageSpec
 from bench.config import build_config, expand_sweeps, parse_field_values, parse_override
 from bench.engine import TrainConfig
-from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, PROFILES, BenchError
+from bench.errors import BenchError
+from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, PROFILES
 
 OVERRIDE_SECTIONS = ("attack", "defense", "train", "finetune")
 

@@ -59,7 +59,7 @@ seed your own generators from `self.seed` / `ctx.seed`. Data are uint8 tensors a
 `ctx.device`; use `bench.engine.train` and `bench.engine.predict`, which batch, augment and
 evaluate on the device.
 
-**Errors.** Raise `bench.registry.BenchError` for a user-facing
+**Errors.** Raise `bench.errors.BenchError` for a user-facing
 problem: the cell is recorded as failed with that message, the grid goes on, and `run` exits 1.
 A recipe that cannot work should be refused before any work: check ranges in the `Config`'s
 `__post_init__` with `bench.config.require`, and cross-checks against the recipes in the

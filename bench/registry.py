@@ -16,11 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
+from bench.errors import BenchError  # noqa: F401  (also importable from here, as plugins did)
+
 T = TypeVar("T")
-
-
-class BenchError(Exception):
-    """A user-facing error: printed as one line by the CLI, exit code 2."""
 
 
 class Registry(Generic[T]):

@@ -7,15 +7,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from bench import progress
 from bench.artifacts import is_intact, remove_stale_temporaries
 from bench.cell import CellSpec, StageSpec, Workspace
 from bench.data.base import data_root
 from bench.device import resolve_device
+from bench.errors import BenchError
 from bench.executors import Callbacks, LocalExecutor, Plan
 from bench.grid import GridRequest, expand
-from bench.registry import BenchError
 from bench.store import ResultStore
 
 

@@ -22,16 +22,16 @@ Design choices and why:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.data.base import DatasetInfo, ImageSet
+from bench.data.base import DatasetInfo, ImageSet, to_unit
 from bench.device import autocast
-from bench.registry import BenchError
+from bench.errors import BenchError
 
 
 @dataclass
@@ -131,7 +131,7 @@ def split_images(labels: torch.Tensor, num_classes: int, config: ScanConfig, gen
 
 def _gather(images: ImageSet, indices: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     indices = indices.to(images.x.device)
-    return images.x[indices].to(device).float().div_(255), images.y[indices].to(device)
+    return to_unit(images.x[indices].to(device)), images.y[indices].to(device)
 
 
 class _FrozenEval:
@@ -378,10 +378,3 @@ def scan(model: nn.Module, images: ImageSet, info: DatasetInfo, config: ScanConf
         seconds=time.perf_counter() - started,
         stimulation=stimulation,
     )
-
-
-def config_dict(config: ScanConfig) -> dict:
-    """The scan's settings as a JSON-able dict (for cell identities and result files)."""
-    data = asdict(config)
-    data["bounds"] = list(config.bounds)
-    return data

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from bench.artifacts import pid_alive
-from bench.registry import BenchError
+from bench.errors import BenchError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS stages (

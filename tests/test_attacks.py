@@ -12,7 +12,8 @@ from bench.attack import AttackContext, to_uint8
 from bench.config import build_config
 from bench.data.base import DatasetInfo, load_dataset
 from bench.data.splits import make_splits
-from bench.registry import ATTACKS, BenchError
+from bench.errors import BenchError
+from bench.registry import ATTACKS
 from tests.bounds import SEED, at_least, at_most
 
 ATTACKS_WITH_TRIGGER = ["badnets", "blend", "trojan", "wanet", "sig", "input-aware"]

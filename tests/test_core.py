@@ -8,10 +8,16 @@ import torch
 
 from bench.config import parse_field_values
 from bench.data.splits import make_splits
+from bench.errors import BenchError
 from bench.grid import GridRequest, expand
-from bench.metrics import (attack_success_rate, clean_accuracy, defense_effectiveness_rating, detection_metrics,
-                           robust_accuracy)
-from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, BenchError
+from bench.metrics import (
+    attack_success_rate,
+    clean_accuracy,
+    defense_effectiveness_rating,
+    detection_metrics,
+    robust_accuracy,
+)
+from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 
 
 # --- registries and overrides ------------------------------------------------------------

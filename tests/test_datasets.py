@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from bench.data.base import load_dataset
-from bench.registry import DATASETS, BenchError
+from bench.errors import BenchError
+from bench.registry import DATASETS
 
 # torchvision 0.29 marks its image decoders deprecated (TorchCodec will replace them); they still work.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from bench.data.base import DatasetInfo
+from bench.errors import BenchError
 from bench.models.base import ImageClassifier, build_model
 from bench.models.preact_resnet import PreActBlock
-from bench.registry import BenchError
 from defenses.none.graph import analyse_model, reset_channels
 from defenses.none.scoring import channel_scores, jenks_split, sample_scores, select_channels
 from tests.bounds import at_least, at_most
@@ -298,8 +298,9 @@ def test_presets_fill_only_unset_fields_and_bad_values_are_rejected():
 # --- behaviour -------------------------------------------------------------------------------
 @pytest.mark.trained
 def test_none_removes_badnets_on_the_smoke_profile(smoke_cell, workspace):
-    from defenses.none import render_diagnostics
     from safetensors.torch import load_file
+
+    from defenses.none import render_diagnostics
 
     undefended = smoke_cell("badnets", "undefended")
     at_least("undefended ASR", undefended["metrics"]["asr"], 90)

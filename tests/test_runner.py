@@ -11,7 +11,6 @@ import textwrap
 import time
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--dataset", "synthetic", "--profile", "smoke", "-o", "train.epochs=3", "--no-report"]
 

@@ -165,7 +165,7 @@ def test_clean_errors_are_not_credited():
 
 
 def test_config_validation():
-    from bench.registry import BenchError
+    from bench.errors import BenchError
 
     with pytest.raises(BenchError):
         ScanConfig(bounds=(0.0,))

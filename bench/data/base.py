@@ -16,7 +16,8 @@ from typing import Callable, ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.registry import DATASETS, BenchError
+from bench.errors import BenchError
+from bench.registry import DATASETS
 
 # (x float in [0, 1], y, sample indices) -> (x, y): per-batch poisoning by dynamic attacks.
 BatchTransform = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -44,6 +45,12 @@ class DatasetInfo:
     @property
     def crop_padding(self) -> int:
         return max(1, round(self.side / 8))
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Images as float in [0, 1]: uint8 divided by 255 (float images pass through): the one place
+    that conversion is written."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
 
 
 @dataclass
@@ -80,7 +87,7 @@ class ImageSet:
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Float images in [0, 1] and labels for ``indices``, with the dynamic transform applied."""
         indices = indices.to(self.x.device)
-        x = self.x[indices].float().div_(255)
+        x = to_unit(self.x[indices])
         y = self.y[indices]
         if self.transform is not None:
             x, y = self.transform(x, y, indices)

@@ -9,7 +9,8 @@ import torch
 
 from bench.data.base import Dataset, DatasetInfo, ImageSet
 from bench.data.images import fetch
-from bench.registry import BenchError, register_dataset
+from bench.errors import BenchError
+from bench.registry import register_dataset
 
 
 def _check_md5(directory: Path, files: dict[str, str]) -> None:

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from bench.data.base import Dataset, DatasetInfo, ImageSet
-from bench.registry import BenchError, register_dataset
+from bench.errors import BenchError
+from bench.registry import register_dataset
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 _FILES = {

@@ -7,7 +7,8 @@ import torch
 
 from bench.data.base import Dataset, DatasetInfo, ImageSet
 from bench.data.images import fetch, load_image_files
-from bench.registry import BenchError, register_dataset
+from bench.errors import BenchError
+from bench.registry import register_dataset
 
 GTSRB_URL = "https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370/"
 

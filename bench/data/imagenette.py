@@ -14,7 +14,8 @@ import torch
 
 from bench.data.base import Dataset, DatasetInfo, ImageSet
 from bench.data.images import fetch, load_image_files
-from bench.registry import BenchError, register_dataset
+from bench.errors import BenchError
+from bench.registry import register_dataset
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)

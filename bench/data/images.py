@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from bench.registry import BenchError
+from bench.errors import BenchError
 
 # torchvision.io decodes these; anything else (GTSRB's PPM) goes through PIL.
 _TORCHVISION_FORMATS = {".jpg", ".jpeg", ".png", ".webp", ".gif"}

@@ -5,7 +5,8 @@ from pathlib import Path
 from bench.data.base import Dataset, DatasetInfo, ImageSet
 from bench.data.fashion_mnist import find_idx_files, read_idx_set
 from bench.data.images import fetch
-from bench.registry import BenchError, register_dataset
+from bench.errors import BenchError
+from bench.registry import register_dataset
 
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 

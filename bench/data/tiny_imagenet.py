@@ -6,7 +6,8 @@ import torch
 
 from bench.data.base import Dataset, DatasetInfo, ImageSet
 from bench.data.images import fetch, load_image_files
-from bench.registry import BenchError, register_dataset
+from bench.errors import BenchError
+from bench.registry import register_dataset
 
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"

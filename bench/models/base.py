@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from bench.data.base import DatasetInfo
-from bench.registry import MODELS, BenchError
+from bench.errors import BenchError
+from bench.registry import MODELS
 
 
 class Normalize(nn.Module):

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 from bench.data.base import DatasetInfo
+from bench.errors import BenchError
 from bench.models.base import ImageClassifier
-from bench.registry import BenchError
 
 
 def build_timm(name: str, info: DatasetInfo) -> ImageClassifier:

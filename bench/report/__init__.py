@@ -78,7 +78,8 @@ def load_recorded_plugins(cells: list[dict]) -> list[str]:
     """Load the ``--plugin`` files the store's cells used, when they are still where they were, and
     say for each what it is and what its absence (or a change since the run) means for the report."""
     from bench import progress
-    from bench.registry import BenchError, load_plugin_file, plugin_module_name
+    from bench.errors import BenchError
+    from bench.registry import load_plugin_file, plugin_module_name
 
     seen: dict[str, dict] = {}
     for cell in cells:

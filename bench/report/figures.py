@@ -23,8 +23,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from bench.report.collect import (REFERENCE, Setup, aggregate, has_trigger, lookup, status_of, swept_fields,
-                                  short)
+from bench.report.collect import REFERENCE, Setup, aggregate, has_trigger, lookup, short, status_of, swept_fields
 from bench.report.palette import FAILED_EDGE, FAILED_HATCH, defense_markers
 
 STATE_TEXT = {"failed": "failed", "missing": "—", "running": "running"}

@@ -8,13 +8,24 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import shlex
 import math
+import shlex
 
 import pandas as pd
 
-from bench.report.collect import (DETECTION_METRICS, MAIN_METRICS, Setup, aggregate, default_config, has_trigger, lookup,
-                                  short, status_of, swept_fields, varying_fields)
+from bench.report.collect import (
+    DETECTION_METRICS,
+    MAIN_METRICS,
+    Setup,
+    aggregate,
+    default_config,
+    has_trigger,
+    lookup,
+    short,
+    status_of,
+    swept_fields,
+    varying_fields,
+)
 
 DASH = "—"
 DIGITS = {"der": 4, "det_flagged": 0, "poisoned": 0}

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.data.base import to_unit
 from bench.report.collect import ReportData, Setup, has_trigger
 from bench.report.figures import FigureFile, save, style
 
@@ -27,7 +28,7 @@ def _features(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 512) ->
     out = []
     for start in range(0, len(x), batch_size):
         batch = x[start:start + batch_size]
-        batch = batch.float().div_(255) if batch.dtype == torch.uint8 else batch.float()
+        batch = to_unit(batch)
         out.append(model.features(batch).flatten(1).float().cpu())
     return torch.cat(out).numpy()
 

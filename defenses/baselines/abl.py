@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import engine
-from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
-from bench.data.base import ImageSet
 from bench.config import require
+from bench.data.base import ImageSet
+from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
 from bench.device import autocast
 from bench.registry import register_defense
 

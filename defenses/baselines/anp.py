@@ -34,9 +34,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from bench import engine
-from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
 from bench.config import require
-from bench.registry import BenchError, register_defense
+from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
+from bench.errors import BenchError
+from bench.registry import register_defense
 
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
 from bench.config import require
-from bench.registry import BenchError, register_defense
+from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
+from bench.errors import BenchError
+from bench.registry import register_defense
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)

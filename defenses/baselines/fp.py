@@ -29,10 +29,12 @@ import torch
 from torch import nn
 
 from bench import engine
+from bench.config import require
+from bench.data.base import to_unit
 from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
 from bench.device import autocast
-from bench.config import require
-from bench.registry import BenchError, register_defense
+from bench.errors import BenchError
+from bench.registry import register_defense
 
 
 @dataclass
@@ -134,7 +136,7 @@ class FinePruning(Defense):
         final_features, _ = reserve_features(model, ctx.reserve, ctx.finetune_config.batch_size)
         with torch.no_grad():
             final_acc = (classifier(final_features).argmax(1) == labels).float().mean().item()
-        probe = ctx.reserve.x[:2].float().div(255)
+        probe = to_unit(ctx.reserve.x[:2])
         details = {
             "channels": channels,
             "pruned": pruned,

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench import engine
-from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
 from bench.config import require
+from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
 from bench.registry import register_defense
 
 

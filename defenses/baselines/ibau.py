@@ -38,6 +38,7 @@ from torch import nn
 
 from bench import engine
 from bench.config import require
+from bench.data.base import to_unit
 from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
 from bench.registry import register_defense
 
@@ -158,7 +159,7 @@ class IBAU(Defense):
     @torch.no_grad()
     def _reserve_under(model: nn.Module, reserve, delta: torch.Tensor) -> tuple[float, int, float]:
         """Reserve accuracy with delta added, the class delta sends most images to, and that share (percent)."""
-        x = reserve.x.float().div(255) + delta
+        x = to_unit(reserve.x) + delta
         predictions = engine.predict(model, x)
         counts = torch.bincount(predictions, minlength=1)
         dominant = int(counts.argmax())

@@ -31,9 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import engine
-from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
 from bench.config import require
-from bench.registry import BenchError, register_defense
+from bench.data.base import to_unit
+from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
+from bench.errors import BenchError
+from bench.registry import register_defense
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -127,7 +129,7 @@ class NeuralAttentionDistillation(Defense):
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
 
-        probe = ctx.reserve.x[:2].float().div(255)
+        probe = to_unit(ctx.reserve.x[:2])
         layers = stage_outputs(student, probe, len(cfg.betas))
         if not layers:
             raise BenchError("nad found no convolutional feature maps to distil in this model")

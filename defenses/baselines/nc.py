@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import engine
-from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
 from bench.config import require
+from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
 from bench.registry import register_defense
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of a normal distribution's std

@@ -11,9 +11,10 @@ from typing import Literal
 import torch
 
 from bench import engine
-from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
 from bench.config import require
-from bench.registry import BenchError, register_defense
+from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
+from bench.errors import BenchError
+from bench.registry import register_defense
 
 from . import diagnostics
 from .graph import analyse_model, reset_channels
