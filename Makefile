@@ -13,6 +13,7 @@ SEEDS ?= 0
 STORE ?= runs/bench.sqlite
 OVERRIDES ?=
 PLUGINS ?=
+FOCUS ?= none
 comma := ,
 
 RUN_ARGS = $(foreach p,$(subst $(comma), ,$(PLUGINS)),--plugin $(p)) \
@@ -26,7 +27,7 @@ help:
 	@echo "make bench [DATASET=fashion-mnist] [PROFILE=quick] [ATTACKS=a,b] [DEFENSES=c,d] [MODEL=m] [SEEDS=0,1] [OVERRIDES='defense.none.finetune_lr=1e-2'] [PLUGINS=a.py,b.py]"
 	@echo "make test        the test suite (CPU, no network)"
 	@echo "make test-bounds trained tests' statistics over seeds, threads and CPU kernels, against their bounds (~1 h)"
-	@echo "make report      reports/<dataset>/ from the results store"
+	@echo "make report [FOCUS=none]  reports/<dataset>/ from the results store; FOCUS: the defense beside the undefended model"
 	@echo "make list        every dataset, model, attack, defense and profile"
 	@echo "make setup       the virtual environment and, where apt-get works, Debian's Fashion-MNIST"
 	@echo "make perf        throughput (engine vs toolbox pipeline) and grid cost from the store, appended to BENCHMARKS.md"
@@ -69,10 +70,10 @@ test-bounds: venv
 	$(PY) benchmarks/trained_bounds.py --table-only --records runs/bounds
 
 bench: venv $(if $(filter fashion-mnist,$(DATASET)),setup)
-	$(PY) -m bench run $(RUN_ARGS) --reports reports
+	$(PY) -m bench run $(RUN_ARGS) --reports reports --focus $(FOCUS)
 
 report: venv
-	$(PY) -m bench report --store $(STORE) --out reports
+	$(PY) -m bench report --store $(STORE) --out reports --focus $(FOCUS)
 
 list: venv
 	$(PY) -m bench list

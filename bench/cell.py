@@ -1,179 +1,32 @@
-"""Cells and their stages, as pure functions of a spec and the cached stages.
+"""The two pipelines: train a stage's undefended model, and apply one defense to it (a cell).
 
-A *stage* is (dataset, model, attack, seed, profile): the undefended model, trained once
-and reused by every defense. A *cell* is a stage plus a defense. Both are identified by
-a stable hash of everything that determines their result, plugin versions included.
-Running one writes artifacts under ``<artifacts>/<id>/`` (``bench.artifacts``: atomically,
-with every file's sha256, verified before reuse) and returns its outcome; only the runner
-writes the store.
+Each is a pure function of its spec (bench/spec.py) and the cached stages. Running one writes
+artifacts under ``<artifacts>/<id>/`` (bench/artifacts.py: atomically, with every file's sha256,
+verified before reuse) and returns its outcome; only the runner writes the store. What a cell
+measures is computed here from model predictions, by the functions of ``bench.metrics``.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import platform
-import resource
 import shutil
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from rich.markup import escape
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 
-import bench
-from bench import engine, metrics, progress
-from bench.artifacts import ArtifactWriter, CorruptArtifact, finished, verify
+from bench import engine, progress
+from bench.artifacts import ArtifactWriter, CorruptArtifact, finished
 from bench.attack import Attack, AttackContext
 from bench.config import build_config
-from bench.data.base import DatasetInfo, ImageSet, load_dataset
-from bench.data.splits import make_splits
-from bench.defense import Defense, DefenseContext
-from bench.device import memory_format
+from bench.data.base import DatasetInfo, ImageSet
+from bench.defense import Defense, DefenseContext, DefenseResult
+from bench.metrics import accuracy
 from bench.models.base import build_model
-from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, source_hash
-
-
-def _hash(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    dataset: str
-    model: str
-    attack: str
-    attack_config: dict
-    seed: int
-    profile: str
-    train: dict          # resolved engine.TrainConfig of the attack stage
-    finetune: dict       # resolved engine.TrainConfig defenses start from
-    eval_batch_size: int = 1024
-    curve_samples: int = 1000
-
-    @property
-    def id(self) -> str:
-        attack = ATTACKS.get(self.attack)
-        payload = {**dataclasses.asdict(self), "attack_version": attack.version, "core_version": bench.STAGE_VERSION}
-        model = None if self.model.startswith("timm:") else MODELS.get(self.model)
-        sources = {kind: source_hash(obj) for kind, obj in
-                   (("attack", attack), ("model", model), ("dataset", DATASETS.get(self.dataset))) if obj is not None}
-        sources = {kind: digest for kind, digest in sources.items() if digest}
-        if sources:  # plugins from outside the project: their code is part of the identity
-            payload["plugin_sources"] = sources
-        return "s-" + _hash(payload)
-
-    def benign(self) -> "StageSpec":
-        benign_cls = ATTACKS.get("benign")
-        return dataclasses.replace(self, attack="benign", attack_config=dataclasses.asdict(benign_cls.Config()))
-
-    def label(self) -> str:
-        return f"{self.dataset}/{self.model}/{self.attack}/seed{self.seed}"
-
-
-@dataclass(frozen=True)
-class CellSpec:
-    stage: StageSpec
-    defense: str
-    defense_config: dict
-    scan: dict | None = None   # bench.scan.ScanConfig fields when this cell measures REASR
-
-    @property
-    def id(self) -> str:
-        defense = DEFENSES.get(self.defense)
-        payload = {"stage": self.stage.id, "defense": self.defense, "defense_config": self.defense_config,
-                   "defense_version": defense.version, "core_version": bench.CELL_VERSION}
-        if source_hash(defense):
-            payload["plugin_source"] = source_hash(defense)
-        if self.scan is not None:
-            payload["scan"] = self.scan
-            payload["scan_version"] = bench.SCAN_VERSION
-        return "c-" + _hash(payload)
-
-    def label(self) -> str:
-        return f"{self.stage.label()} x {self.defense}"
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @staticmethod
-    def from_json(data: dict) -> "CellSpec":
-        return CellSpec(StageSpec(**data["stage"]), data["defense"], data["defense_config"], data.get("scan"))
-
-
-def environment(device: torch.device) -> dict[str, str]:
-    import torchvision
-
-    from bench.device import describe
-
-    return {"bench": bench.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": platform.python_version(), "device": describe(device), "host": platform.node()}
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-class Workspace:
-    """Per-process state: the artifacts root, the device, and caches of device-resident data
-    and triggered test sets (so many defenses of one stage reuse them)."""
-
-    def __init__(self, artifacts_root: Path, device: torch.device) -> None:
-        self.root = Path(artifacts_root)
-        self.device = device
-        self._datasets: dict[str, tuple[DatasetInfo, ImageSet, ImageSet]] = {}
-        self._triggered: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    def dataset(self, name: str) -> tuple[DatasetInfo, ImageSet, ImageSet]:
-        if name not in self._datasets:
-            info, train, test = load_dataset(name)
-            self._datasets[name] = (info, train.to(self.device), test.to(self.device))
-        return self._datasets[name]
-
-    def split(self, spec: StageSpec) -> tuple[DatasetInfo, ImageSet, ImageSet, ImageSet]:
-        """(info, reserve, train, test) for the stage's seed."""
-        info, full, test = self.dataset(spec.dataset)
-        splits = make_splits(full.y, spec.seed)
-        return info, full.subset(splits.reserve), full.subset(splits.train), test
-
-    def attack(self, spec: StageSpec) -> Attack:
-        info = self.dataset(spec.dataset)[0]
-        cls = ATTACKS.get(spec.attack)
-        return cls(build_config(cls.Config, spec.attack_config), info, spec.seed)
-
-    def triggered(self, spec: StageSpec, attack: Attack, test: ImageSet):
-        if spec.id not in self._triggered:
-            self._triggered.clear()  # one stage at a time is enough and bounds memory
-            self._triggered[spec.id] = attack.triggered_test_set(test)
-        return self._triggered[spec.id]
-
-    def forget_triggered(self, spec: StageSpec) -> None:
-        self._triggered.pop(spec.id, None)
-
-    def stage_dir(self, spec: StageSpec) -> Path:
-        return self.root / spec.id
-
-    def load_stage(self, spec: StageSpec) -> tuple[torch.nn.Module, Attack, dict]:
-        """The finished stage's undefended model and the attack with its learned state, from
-        verified artifacts (CorruptArtifact when they are damaged or missing)."""
-        directory = self.stage_dir(spec)
-        result = verify(directory)
-        info = self.dataset(spec.dataset)[0]
-        model = build_model(spec.model, info).to(self.device)
-        attack = self.attack(spec)
-        try:
-            load_model(model, str(directory / "model.safetensors"), device=str(self.device))
-            model.to(memory_format=memory_format(self.device))  # the layout it was trained and evaluated in
-            state_file = directory / "attack_state.safetensors"
-            if state_file.is_file():
-                attack.load_state_dict({k: v.to(self.device) for k, v in load_file(str(state_file)).items()})
-        except Exception as exc:
-            raise CorruptArtifact(directory, f"the checkpoint does not load ({exc.__class__.__name__}: {exc})") from None
-        return model.eval(), attack, result
+from bench.registry import DEFENSES
+from bench.spec import CellSpec, EvalConfig, StageSpec
+from bench.workspace import Workspace, environment, peak_memory_mb
 
 
 def ready_stage(spec: StageSpec, ws: Workspace) -> tuple[dict, torch.nn.Module, Attack]:
@@ -194,12 +47,12 @@ def evaluate(model: torch.nn.Module, attack: Attack, test: ImageSet, triggered, 
              limit: int | None = None) -> dict[str, float | None]:
     """C-ACC on the clean test set; ASR and RA on its triggered part (from predictions)."""
     x_clean, y_clean = (test.x, test.y) if limit is None else (test.x[:limit], test.y[:limit])
-    result: dict[str, float | None] = {"c_acc": metrics.clean_accuracy(engine.predict(model, x_clean, batch_size), y_clean)}
+    result: dict[str, float | None] = {"c_acc": accuracy.clean_accuracy(engine.predict(model, x_clean, batch_size), y_clean)}
     if attack.has_trigger:
         x_trig, y_true, y_target = triggered if limit is None else (t[:limit] for t in triggered)
         predictions = engine.predict(model, x_trig, batch_size)
-        result["asr"] = metrics.attack_success_rate(predictions, y_target)
-        result["ra"] = metrics.robust_accuracy(predictions, y_true)
+        result["asr"] = accuracy.attack_success_rate(predictions, y_target)
+        result["ra"] = accuracy.robust_accuracy(predictions, y_true)
     else:
         result["asr"] = result["ra"] = None
     return result
@@ -296,7 +149,7 @@ def poisoned_indices(ws: Workspace, spec: StageSpec) -> torch.Tensor:
 
 def reverse_engineer(model: torch.nn.Module, test: ImageSet, info: DatasetInfo, scan_config: dict):
     """REASR of a model: (max over bounds, details per bound, reversed triggers as tensors)."""
-    from bench.scan import ScanConfig, scan
+    from bench.metrics.reasr import ScanConfig, scan
 
     config = build_config(ScanConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in scan_config.items()})
     result = scan(model, test, info, config)
@@ -338,12 +191,15 @@ def run_defense_cell(spec: CellSpec, ws: Workspace) -> dict:
         eval_s = round(time.perf_counter() - t0, 3)
         undefended = stage_result["metrics"]
         if attack.has_trigger:
-            result_metrics["der"] = metrics.defense_effectiveness_rating(
+            result_metrics["der"] = accuracy.defense_effectiveness_rating(
                 undefended["asr"], result_metrics["asr"], undefended["c_acc"], result_metrics["c_acc"])
         else:
             result_metrics["der"] = None
         if outcome.flagged is not None:
-            result_metrics.update(metrics.detection_metrics(outcome.flagged, poisoned.poisoned_indices, len(train)))
+            from bench.metrics.detection import detection_metrics
+
+            result_metrics.update(detection_metrics(outcome.flagged, poisoned.poisoned_indices, len(train)))
+        extras_s = measure_extras(spec, ws, outcome, attack, test, triggered, result_metrics, writer)
         scan_s = None
         if spec.scan is not None:
             t0 = time.perf_counter()
@@ -362,7 +218,7 @@ def run_defense_cell(spec: CellSpec, ws: Workspace) -> dict:
         result = {"id": spec.id, "stage_id": stage.id, "spec": spec.to_json(), "metrics": result_metrics,
                   "undefended": {k: undefended.get(k) for k in ("c_acc", "asr", "ra")},
                   "timings": {"attack_s": stage_result["timings"].get("total_s"), "defense_s": defense_s, "eval_s": eval_s,
-                              **({"scan_s": scan_s} if scan_s is not None else {})},
+                              **({"scan_s": scan_s} if scan_s is not None else {}), **extras_s},
                   "peak_memory_mb": peak_memory_mb(ws.device), "environment": environment(ws.device),
                   "details": outcome.details, "wall": wall_span(started_at)}
         result = writer.commit(result)
@@ -370,3 +226,56 @@ def run_defense_cell(spec: CellSpec, ws: Workspace) -> dict:
         writer.discard()
         raise
     return result
+
+
+def measure_extras(spec: CellSpec, ws: Workspace, outcome: DefenseResult, attack: Attack, test: ImageSet, triggered,
+                   result_metrics: dict, writer: ArtifactWriter) -> dict[str, float]:
+    """The cell's ``evaluation`` measurements (bench.spec.EvalConfig): selection quality when the
+    defense declares the units it ablated, and penultimate features for the report's t-SNE.
+    Returns their timings; metrics go into ``result_metrics``, details into ``outcome.details``."""
+    if spec.evaluation is None:
+        return {}
+    config = build_config(EvalConfig, spec.evaluation, "eval.")
+    timings: dict[str, float] = {}
+    stage = spec.stage
+    if config.oracle_samples > 0 and outcome.selection is not None and attack.has_trigger:
+        from bench.metrics.selection import BATCH_SIZE, selection_quality
+
+        t0 = time.perf_counter()
+        undefended = ws.load_stage(stage)[0]  # a fresh copy: the defense may have changed its own in place
+        x_trig, _, y_target = (t[:config.oracle_samples] for t in triggered)
+        # the CPU is fastest at the oracle's own batch (measured there); a GPU wants the profile's larger one
+        batch_size = max(BATCH_SIZE, stage.eval_batch_size) if ws.device.type == "cuda" else BATCH_SIZE
+        quality = selection_quality(undefended, outcome.selection, x_trig, y_target, batch_size)
+        result_metrics.update(sel_asr=quality.sel_asr, oracle_asr=quality.oracle_asr, sel_recall=quality.sel_recall)
+        outcome.details["selection"] = quality.to_json()
+        del undefended
+        timings["oracle_s"] = round(time.perf_counter() - t0, 3)
+    if config.feature_samples > 0 and hasattr(outcome.model, "features"):
+        t0 = time.perf_counter()
+        save_file(penultimate_features(outcome.model, test, triggered if attack.has_trigger else None,
+                                       config.feature_samples, stage.seed, stage.eval_batch_size),
+                  str(writer.tmp / "features.safetensors"))
+        timings["features_s"] = round(time.perf_counter() - t0, 3)
+    return timings
+
+
+@torch.no_grad()
+def penultimate_features(model: torch.nn.Module, test: ImageSet, triggered, samples: int, seed: int,
+                         batch_size: int) -> dict[str, torch.Tensor]:
+    """Penultimate features of ``samples`` clean test images and as many triggered ones (the same
+    images for every cell of a stage), with their true labels, the attack's targets and the model's
+    predictions: what the report's t-SNE draws, so that it never rebuilds a model."""
+    generator = torch.Generator().manual_seed(seed)
+    clean = torch.randperm(len(test), generator=generator)[:samples].to(test.x.device)
+    parts = {"clean": (test.x[clean], test.y[clean], torch.full((len(clean),), -1, dtype=torch.long, device=test.y.device))}
+    if triggered is not None:
+        x_trig, y_true, y_target = triggered
+        chosen = torch.randperm(len(x_trig), generator=generator)[:samples].to(x_trig.device)
+        parts["triggered"] = (x_trig[chosen], y_true[chosen], y_target[chosen])
+    x = torch.cat([part[0] for part in parts.values()])
+    features = engine.infer(model, x, lambda batch: model.features(batch).flatten(1).float(), batch_size)
+    return {"features": features.cpu(), "labels": torch.cat([part[1] for part in parts.values()]).cpu().long(),
+            "targets": torch.cat([part[2] for part in parts.values()]).cpu().long(),
+            "predicted": engine.predict(model, x, batch_size).cpu(),
+            "triggered": torch.cat([torch.full((len(part[0]),), name == "triggered") for name, part in parts.items()])}

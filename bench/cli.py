@@ -8,7 +8,15 @@ import sys
 from pathlib import Path
 
 from bench.errors import BenchError
-from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, PROFILES, load_builtin_plugins, load_plugin_file
+from bench.registry import (
+    ATTACKS,
+    DATASETS,
+    DEFENSES,
+    MODELS,
+    PROFILES,
+    load_builtin_plugins,
+    load_plugin_file,
+)
 
 DEFAULT_STORE = Path("runs/bench.sqlite")
 
@@ -16,15 +24,19 @@ RUN_EPILOG = """\
 examples:
   python -m bench run                                   # Fashion-MNIST, quick profile, every attack x defense
   python -m bench run --dataset synthetic --profile smoke --attacks badnets --defenses undefended,none
-  python -m bench run -o defense.none.max_reset_fraction=0.03,0.1   # a sweep: one cell per value
+  python -m bench run --attacks badnets -o defense.none.max_reset_fraction=0.03,0.1   # a sweep: one cell per value
   python -m bench run -o train.epochs=20 -o attack.badnets.poison_rate=0.05
-  python -m bench run --plugin my_defense.py --defenses undefended,mine    # runs the file's code
+  python -m bench run --seeds 0,1,2 -o eval.oracle_samples=0     # three seeds, no selection oracle
+  python -m bench run --plugin docs/examples/spectral.py --defenses undefended,spectral   # runs the file's code
+  python -m bench run --dataset synthetic --dry-run     # what would run, and what is already done
 
 overrides (-o KEY=VALUE, repeatable; a comma list sweeps):
   attack.<attack>.<field>    fields of that attack's Config   (python -m bench list --verbose)
   defense.<defense>.<field>  fields of that defense's Config
   train.<field>              the attack stage's training recipe (epochs, lr, batch_size, optimizer, ...)
   finetune.<field>           the fine-tuning recipe defenses start from
+  eval.<field>               what cells measure besides the metrics: oracle_samples (selection
+                             oracle), feature_samples (t-SNE); 0 turns one off; one value, no sweep
 
 Finished cells are skipped, so the same command resumes an interrupted grid. Runners that
 share a store split the grid: start the same command in a second shell (or on a second machine
@@ -32,6 +44,22 @@ with the store on a shared filesystem) and no cell is computed twice.
 
 exit status: 0 every cell of the grid is done; 1 some cell failed (listed at the end);
 2 bad input (nothing was run); 130 interrupted (finished cells are kept).
+"""
+
+REPORT_EPILOG = """\
+examples:
+  python -m bench report                                # every dataset in runs/bench.sqlite -> runs/reports/
+  python -m bench report --dataset synthetic --focus fp --no-tsne
+  python -m bench report --store runs/bench.sqlite --reports reports   # what make bench writes
+
+Reports read only the store and the artifact directories beside it: tables, figures and a
+Reproduce command per setup. NOTES.md beside a report's README.md is included verbatim.
+"""
+
+RESULTS_EPILOG = """\
+examples:
+  python -m bench results                               # a table of every cell
+  python -m bench results --dataset synthetic --format json
 """
 
 
@@ -95,26 +123,36 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rows whose models get the REASR trigger-inversion scan (default: the profile's, benign)")
     run.add_argument("--retry-failed", action="store_true", help="also re-run cells recorded as failed")
     run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    run.add_argument("--dry-run", action="store_true",
+                     help="expand and check the grid, print how many stages and cells it has and how many are done, "
+                          "and stop (nothing is trained or written)")
     run.add_argument("--reports", type=Path, default=None,
                      help="report directory (default: reports/ beside the store, so a scratch store never "
                           "overwrites another run's report)")
-    run.add_argument("--no-tsne", action="store_true", help="skip the report's t-SNE figure (it rebuilds models)")
+    run.add_argument("--no-tsne", action="store_true", help="skip the report's t-SNE figure")
+    run.add_argument("--focus", default="none", metavar="DEFENSE",
+                     help="the report's focus defense: headline ASR reduction factor and t-SNE panel (default: none, "
+                          "i.e. NONE)")
 
     lister = commands.add_parser("list", help="list datasets, models, attacks, defenses and profiles")
     lister.add_argument("--verbose", "-v", action="store_true", help="also show each plugin's configurable fields")
     lister.add_argument("--markdown", action="store_true", help="print the lists as markdown (README's generated section)")
 
-    results = commands.add_parser("results", help="print every cell in the store")
+    results = commands.add_parser("results", help="print every cell in the store", epilog=RESULTS_EPILOG,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     results.add_argument("--store", type=Path, default=DEFAULT_STORE)
     results.add_argument("--format", choices=("table", "csv", "json"), default="table")
     results.add_argument("--dataset", default=None)
 
-    report = commands.add_parser("report", help="write reports/<dataset>/ and reports/index.md from the store")
+    report = commands.add_parser("report", help="write reports/<dataset>/ and reports/index.md from the store",
+                                 epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_argument("--store", type=Path, default=DEFAULT_STORE)
     report.add_argument("--dataset", default=None, help="one dataset (default: every dataset in the store)")
     report.add_argument("--out", "--reports", dest="out", type=Path, default=None,
                         help="report directory (default: reports/ beside the store)")
-    report.add_argument("--no-tsne", action="store_true", help="skip the t-SNE figure (it rebuilds models)")
+    report.add_argument("--no-tsne", action="store_true", help="skip the t-SNE figure")
+    report.add_argument("--focus", default="none", metavar="DEFENSE",
+                        help="the focus defense: headline ASR reduction factor and t-SNE panel (default: none, i.e. NONE)")
     for command in (run, lister, results, report):  # --plugin also after the command's name
         command.add_argument("--plugin", dest="plugins_after", action="append", default=[], metavar="FILE.py",
                              help=plugin_help)
@@ -194,9 +232,15 @@ def command_run(args) -> None:
                           attacks=_split(args.attacks, "--attacks", ATTACKS.names()),
                           defenses=_split(args.defenses, "--defenses", DEFENSES.names()), seeds=_seeds(args.seeds),
                           overrides=args.override, scan_rows=args.scan)
+    DEFENSES.get(args.focus)  # a typo in --focus fails now, not after the grid
     options = RunOptions(store=args.store, device=args.device, executor=args.executor, retry_failed=args.retry_failed,
                          artifacts=args.artifacts, address=args.address, gpus_per_cell=args.gpus_per_cell,
                          plugins=list(args.plugin))
+    if args.dry_run:
+        from bench.runner import dry_run
+
+        print(dry_run(request, options))
+        return 0
     cells = run_grid(request, options)
     store = ResultStore(args.store)
     rows = summary_rows(cells, store)
@@ -205,8 +249,8 @@ def command_run(args) -> None:
         from bench.report import write_index, write_report
 
         reports = args.reports or args.store.parent / "reports"
-        path = write_report(store, args.dataset, reports, tsne_figure=not args.no_tsne)
-        progress.log(f"report: {path / 'README.md'}  (index: {write_index(store, reports)})")
+        path = write_report(store, args.dataset, reports, tsne_figure=not args.no_tsne, focus=args.focus)
+        progress.log(f"report: {path / 'README.md'}  (index: {write_index(store, reports, args.focus)})")
     progress.log(f"results: {args.store} (python -m bench results --store {args.store})")
     return closing_summary(rows, len(cells))
 
@@ -255,15 +299,19 @@ def print_summary(rows: list[dict]) -> None:
 
 
 def _defense_label(row: dict) -> str:
-    """The defense name, plus its non-default settings when the grid swept them."""
+    """The defense name, plus the settings its user set (-o)."""
     import dataclasses
 
-    config = (row.get("config") or {}).get("defense_config") or {}
-    try:
-        defaults = dataclasses.asdict(DEFENSES.get(row["defense"]).Config())
-    except BenchError:
-        defaults = {}
-    changed = {k: v for k, v in config.items() if defaults.get(k, v) != v}
+    stored = row.get("config") or {}
+    if isinstance(stored.get("user_set"), dict):  # the fields the user set, as the cell recorded them
+        changed = stored["user_set"].get("defense") or {}
+    else:  # a store from before they were recorded: what differs from the plugin's defaults
+        config = stored.get("defense_config") or {}
+        try:
+            defaults = dataclasses.asdict(DEFENSES.get(row["defense"]).Config())
+        except BenchError:
+            defaults = {}
+        changed = {k: v for k, v in config.items() if defaults.get(k, v) != v}
     return row["defense"] + ("" if not changed else " " + ",".join(f"{k}={v}" for k, v in changed.items()))
 
 
@@ -300,9 +348,12 @@ def command_report(args) -> None:
     datasets = [args.dataset] if args.dataset else store.datasets()
     if not datasets:
         raise BenchError(f"the store {args.store} holds no cells yet")
+    known = set(DEFENSES.names()) | {cell["defense"] for cell in store.cells()}
+    if args.focus not in known:
+        raise BenchError(f"unknown focus defense {args.focus!r}; valid: {', '.join(sorted(known))}")
     for dataset in datasets:
-        progress.log(f"report: {write_report(store, dataset, out, tsne_figure=not args.no_tsne)}")
-    progress.log(f"index: {write_index(store, out)}")
+        progress.log(f"report: {write_report(store, dataset, out, tsne_figure=not args.no_tsne, focus=args.focus)}")
+    progress.log(f"index: {write_index(store, out, args.focus)}")
 
 
 def _interrupt_on_sigterm():

@@ -54,7 +54,8 @@ class DefenseContext:
 class DefenseResult:
     """What ``Defense.run`` returns. ``flagged`` holds indices into ``ctx.train`` of the samples
     the defense believes poisoned: given, the cell also reports detection precision, recall and
-    FPR against the true poisoned indices (which the defense never sees). ``details`` is stored
+    FPR against the true poisoned indices (which the defense never sees); ``selection``, the units
+it ablated, gets the selection-quality metrics the same way. ``details`` is stored
     with the cell and shown in the report; ``tensors`` are saved as ``defense.safetensors``."""
 
     model: nn.Module
@@ -63,6 +64,11 @@ class DefenseResult:
     details: dict = field(default_factory=dict)          # JSON-serialisable, stored with the cell
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # saved as safetensors
     unchanged: bool = False               # the model is the undefended one (nothing to save)
+    # Units the defense ablated (reset, pruned or masked) before any fine-tuning, keyed by the name
+    # of the module whose output channels (dim 1) the ablation silences; a layer it analysed and
+    # left alone maps to []. Given, the cell also measures selection quality against an oracle
+    # that sees the ground truth the defense never sees (bench/metrics/selection.py).
+    selection: dict[str, list[int]] | None = None
 
 
 class Defense:

@@ -187,15 +187,25 @@ def train(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024, *, amp: bool = True) -> torch.Tensor:
-    """Predicted labels for uint8 or [0, 1] float images, batched, in eval mode."""
+def infer(model: nn.Module, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+          batch_size: int = 1024, *, amp: bool = True) -> torch.Tensor:
+    """``fn`` (default: the model itself) over uint8 or [0, 1] float images, batched, in eval mode,
+    in the layout the model trains in, concatenated along the batch."""
     device = next(model.parameters()).device
     model.to(memory_format=memory_format(device))  # the layout it trained in: results do not depend on how it was loaded
+    fn = fn or model
     was_training = model.training
     model.eval()
     outputs = []
     for batch in _unit_float_batches(x, batch_size, device):
         with autocast(device, amp):
-            outputs.append(model(batch.contiguous(memory_format=memory_format(device))).argmax(1))
+            outputs.append(fn(batch.contiguous(memory_format=memory_format(device))))
     model.train(was_training)
-    return torch.cat(outputs) if outputs else torch.empty(0, dtype=torch.long, device=device)
+    return torch.cat(outputs) if outputs else torch.empty(0, device=device)
+
+
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024, *, amp: bool = True) -> torch.Tensor:
+    """Predicted labels for uint8 or [0, 1] float images, batched, in eval mode."""
+    if len(x) == 0:
+        return torch.empty(0, dtype=torch.long, device=next(model.parameters()).device)
+    return infer(model, x, lambda batch: model(batch).argmax(1), batch_size, amp=amp)

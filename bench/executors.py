@@ -15,7 +15,9 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from bench.cell import CellSpec, StageSpec, Workspace, run_attack_stage, run_defense_cell
+from bench.cell import run_attack_stage, run_defense_cell
+from bench.spec import CellSpec, StageSpec
+from bench.workspace import Workspace
 
 
 @dataclass

@@ -4,13 +4,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from bench.cell import CellSpec, StageSpec
 from bench.config import build_config, expand_sweeps, parse_field_values, parse_override
 from bench.engine import TrainConfig
 from bench.errors import BenchError
 from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, PROFILES
+from bench.spec import CellSpec, EvalConfig, StageSpec
 
-OVERRIDE_SECTIONS = ("attack", "defense", "train", "finetune")
+OVERRIDE_SECTIONS = ("attack", "defense", "train", "finetune", "eval")
 
 
 @dataclass
@@ -31,6 +31,7 @@ class ParsedOverrides:
     defense: dict[str, dict[str, list]] = field(default_factory=dict)
     train: dict[str, list] = field(default_factory=dict)
     finetune: dict[str, list] = field(default_factory=dict)
+    evaluation: dict[str, object] = field(default_factory=dict)  # one value per field: not a sweep
 
 
 def parse_overrides(texts: list[str]) -> ParsedOverrides:
@@ -50,6 +51,13 @@ def parse_overrides(texts: list[str]) -> ParsedOverrides:
             if len(parts) != 2:
                 raise BenchError(f"bad override {key!r}: expected {section}.<field>=value")
             getattr(parsed, section)[parts[1]] = parse_field_values(TrainConfig, parts[1], value, key)
+        elif section == "eval":
+            if len(parts) != 2:
+                raise BenchError(f"bad override {key!r}: expected eval.<field>=value")
+            values = parse_field_values(EvalConfig, parts[1], value, key)
+            if len(values) != 1:
+                raise BenchError(f"bad override {key!r}: eval.{parts[1]} takes one value, not a sweep")
+            parsed.evaluation[parts[1]] = values[0]
         else:
             raise BenchError(f"bad override {key!r}: the section must be one of {', '.join(OVERRIDE_SECTIONS)}")
     return parsed
@@ -65,7 +73,8 @@ def _recipe(base: TrainConfig, values: dict, section: str) -> dict:
     return dataclasses.asdict(build_config(TrainConfig, {**dataclasses.asdict(base), **values}, f"{section}."))
 
 
-def stage_specs(request: GridRequest, parsed: ParsedOverrides, attack: str) -> list[StageSpec]:
+def stage_specs(request: GridRequest, parsed: ParsedOverrides, attack: str) -> list[tuple[StageSpec, dict]]:
+    """The attack's stages, each with the fields the user set for it (attack, train, finetune)."""
     profile = PROFILES.get(request.profile)
     num_classes = DATASETS.get(request.dataset).info.num_classes
     model = request.model or profile.model
@@ -84,9 +93,10 @@ def stage_specs(request: GridRequest, parsed: ParsedOverrides, attack: str) -> l
             train = _recipe(profile.train_for(request.dataset), train_values, "train")
             for finetune_values in expand_sweeps(parsed.finetune):
                 finetune = _recipe(profile.finetune, finetune_values, "finetune")
+                user_set = {"attack": dict(attack_values), "train": dict(train_values), "finetune": dict(finetune_values)}
                 for seed in request.seeds:
-                    specs.append(StageSpec(request.dataset, model, attack, attack_config, seed, profile.name,
-                                           train, finetune, profile.eval_batch_size, profile.curve_samples))
+                    specs.append((StageSpec(request.dataset, model, attack, attack_config, seed, profile.name,
+                                            train, finetune, profile.eval_batch_size, profile.curve_samples), user_set))
     return specs
 
 
@@ -95,7 +105,7 @@ SCAN_ROWS = ("benign", "all", "off")
 
 def scan_settings(request: GridRequest, attack: str) -> dict | None:
     """The REASR scan's settings for this attack's cells, or None when its rows are not scanned."""
-    from bench.scan import ScanConfig
+    from bench.metrics.reasr import ScanConfig
 
     profile = PROFILES.get(request.profile)
     rows = request.scan_rows or profile.scan_rows
@@ -104,6 +114,12 @@ def scan_settings(request: GridRequest, attack: str) -> dict | None:
     if rows == "off" or (rows == "benign" and attack != "benign"):
         return None
     return dataclasses.asdict(build_config(ScanConfig, dict(profile.scan)))
+
+
+def evaluation_settings(request: GridRequest, parsed: ParsedOverrides) -> dict:
+    """The cells' extra measurements (bench.spec.EvalConfig): the profile's, then the user's."""
+    profile = PROFILES.get(request.profile)
+    return dataclasses.asdict(build_config(EvalConfig, {**profile.evaluation, **parsed.evaluation}, "eval."))
 
 
 def defense_defaults(defense_cls, defense: str, attack: str, profile) -> dict:
@@ -134,9 +150,10 @@ def expand(request: GridRequest) -> list[CellSpec]:
     for name in list(parsed.attack):
         if name not in attacks:
             raise BenchError(f"override for attack {name!r}, which is not in the grid ({', '.join(attacks)})")
+    evaluation = evaluation_settings(request, parsed)
     cells = []
     for attack in attacks:
-        for stage in stage_specs(request, parsed, attack):
+        for stage, stage_user_set in stage_specs(request, parsed, attack):
             for defense in defenses:
                 defense_cls = DEFENSES.get(defense)
                 base = defense_defaults(defense_cls, defense, attack, PROFILES.get(request.profile))
@@ -146,5 +163,6 @@ def expand(request: GridRequest) -> list[CellSpec]:
                         defense_cls.check(config, TrainConfig(**stage.train), TrainConfig(**stage.finetune))
                     except ValueError as exc:
                         raise BenchError(f"invalid defense.{defense} settings: {exc}") from None
-                    cells.append(CellSpec(stage, defense, dataclasses.asdict(config), scan_settings(request, attack)))
+                    cells.append(CellSpec(stage, defense, dataclasses.asdict(config), scan_settings(request, attack),
+                                          evaluation, {**stage_user_set, "defense": dict(values), "eval": parsed.evaluation}))
     return cells

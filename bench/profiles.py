@@ -23,9 +23,11 @@ class Profile:
     defense_defaults: dict = field(default_factory=dict)
     eval_batch_size: int = 1024
     curve_samples: int = 1000          # test samples behind the per-epoch curves (0: no curves)
-    # REASR by trigger inversion (bench.scan): on which rows, and ScanConfig fields for the budget.
+    # REASR by trigger inversion (bench.metrics.reasr): on which rows, and ScanConfig fields for the budget.
     scan_rows: str = "benign"          # benign | all | off
     scan: dict = field(default_factory=dict)
+    # What cells measure besides the protocol's metrics (bench.spec.EvalConfig fields).
+    evaluation: dict = field(default_factory=dict)
 
     def train_for(self, dataset: str) -> TrainConfig:
         from dataclasses import replace
@@ -48,6 +50,7 @@ SMOKE = _define(Profile(
     defense_defaults={"none": {"finetune_epochs": 5}, "none@benign": {"rounds": 2}},
     scan_rows="off",  # tests ask for the scan where they test it
     scan={"steps": 60, "refine_steps": 20, "images_per_class": 5, "eval_images_per_class": 20},
+    evaluation={"oracle_samples": 300, "feature_samples": 100},
 ))
 
 QUICK = _define(Profile(

@@ -70,7 +70,7 @@ A recipe that cannot work should be refused before any work: check ranges in the
 Spectral Signatures (Tran, Li and Madry, NeurIPS 2018): in each class, the poisoned samples
 stand out along the top singular direction of the centred penultimate features; remove the
 `1.5 x poison_rate` share of each class with the largest projections and train again from
-scratch on the rest.
+scratch on the rest. The file is [`docs/examples/spectral.py`](examples/spectral.py):
 
 <!-- example-flagging-defense -->
 ```python
@@ -78,66 +78,11 @@ scratch on the rest.
 <!-- /example-flagging-defense -->
 
 ```sh
-python -m bench run --plugin spectral.py --defenses undefended,spectral --attacks badnets
+python -m bench run --plugin docs/examples/spectral.py --defenses undefended,spectral --attacks badnets
 ```
 """
 
-EXAMPLE_FLAGGING_DEFENSE = '''from dataclasses import dataclass, replace
-
-import torch
-
-from bench import engine
-from bench.config import require
-from bench.defense import Defense, DefenseResult
-from bench.registry import register_defense
-
-
-@dataclass
-class SpectralConfig:
-    poison_rate: float = 0.1   # the share of poisoned samples the defender assumes
-    removal_factor: float = 1.5
-    epochs: int | None = None  # retraining; None: the attack stage's recipe
-
-    def __post_init__(self) -> None:
-        require(self, poison_rate="(0, 1)", removal_factor="> 0", epochs=">= 1")
-
-
-@register_defense("spectral")
-class SpectralSignatures(Defense):
-    """Spectral Signatures (Tran et al. 2018): drop each class's outliers along its top singular direction, retrain."""
-
-    Config = SpectralConfig
-    kind = "training-time"
-
-    @torch.no_grad()
-    def scores(self, model, data) -> torch.Tensor:
-        model.eval()
-        features = torch.cat([model.features(x) for _, x, _ in data.batches(512)])
-        scores = torch.zeros(len(data), device=features.device)
-        for label in data.y.unique():
-            members = torch.nonzero(data.y == label).flatten()
-            centred = features[members] - features[members].mean(0)
-            direction = torch.linalg.svd(centred, full_matrices=False).Vh[0]
-            scores[members] = (centred @ direction) ** 2
-        return scores
-
-    def run(self, ctx):
-        scores = self.scores(ctx.model, ctx.train)
-        flagged = []
-        for label in ctx.train.y.unique():
-            members = torch.nonzero(ctx.train.y == label).flatten()
-            count = int(self.config.removal_factor * self.config.poison_rate * len(members))
-            flagged.append(members[scores[members].topk(count).indices])
-        flagged = torch.sort(torch.cat(flagged)).values
-        keep = torch.ones(len(ctx.train), dtype=torch.bool, device=flagged.device)
-        keep[flagged] = False
-        model = ctx.build_model()
-        recipe = ctx.train_config if self.config.epochs is None else replace(ctx.train_config, epochs=self.config.epochs)
-        history = engine.train(model, ctx.train, recipe, ctx.info, seed=self.seed,
-                               indices=torch.nonzero(keep).flatten(), on_epoch_end=ctx.monitor)
-        return DefenseResult(model, flagged=flagged, history=history,
-                             details={"removed": len(flagged), "kept": int(keep.sum())})
-'''
+EXAMPLE_FLAGGING_DEFENSE = ROOT / "docs" / "examples" / "spectral.py"
 
 
 def _signature(obj) -> str:
@@ -185,7 +130,9 @@ def plugin_contract() -> str:
     from bench.defense import Defense, DefenseContext, DefenseResult
     from bench.models.base import ImageClassifier
 
-    text = CONTRACT_HEAD.replace("{example}", EXAMPLE_FLAGGING_DEFENSE)
+    example = EXAMPLE_FLAGGING_DEFENSE.read_text()
+    example = example[example.index('"""', 3) + 4:]  # the code, without the file's own docstring
+    text = CONTRACT_HEAD.replace("{example}", example)
     parts = [text, "## Defenses", ""]
     parts += _section("Defense", Defense, ("Config", "kind", "version", "defaults_for_attack", "run", "check",
                                            "report_figures", "report_figures_title", "report_figures_caption"))

@@ -9,13 +9,14 @@ from pathlib import Path
 
 from bench import progress
 from bench.artifacts import is_intact, remove_stale_temporaries
-from bench.cell import CellSpec, StageSpec, Workspace
 from bench.data.base import data_root
 from bench.device import resolve_device
 from bench.errors import BenchError
 from bench.executors import Callbacks, LocalExecutor, Plan
 from bench.grid import GridRequest, expand
+from bench.spec import CellSpec, StageSpec
 from bench.store import ResultStore
+from bench.workspace import Workspace
 
 
 @dataclass
@@ -119,6 +120,21 @@ def run_grid(request: GridRequest, options: RunOptions) -> list[CellSpec]:
             executor.run(plan, store_callbacks(store, progress.log, run_started))
         progress.log(f"grid finished in {time.perf_counter() - started:.0f} s")
     return cells
+
+
+def dry_run(request: GridRequest, options: RunOptions) -> str:
+    """What ``run`` would do, without doing it: the grid expanded and checked (every bad name or
+    override fails here as it would), and how much of it the store already holds."""
+    cells = expand(request)
+    stages = {cell.stage.id for cell in cells}
+    pending = sum(len(group) for _, group in plan_pending(cells, ResultStore(options.store, options.artifacts, create=False),
+                                                          options.retry_failed)) if options.store.is_file() else len(cells)
+    attacks = list(dict.fromkeys(cell.stage.attack for cell in cells))
+    defenses = list(dict.fromkeys(cell.defense for cell in cells))
+    return (f"dry run: {len(cells)} cells ({len(stages)} attack stages) on {request.dataset}, profile {request.profile}: "
+            f"{len(cells) - pending} already done in {options.store}, {pending} to run\n"
+            f"  attacks: {', '.join(attacks)}\n  defenses: {', '.join(defenses)}\n  seeds: "
+            f"{', '.join(map(str, dict.fromkeys(cell.stage.seed for cell in cells)))}")
 
 
 def summary_rows(cells: list[CellSpec], store: ResultStore) -> list[dict]:

@@ -218,9 +218,9 @@ class ResultStore:
         self._write(
             "INSERT INTO cells (id, stage_id, dataset, model, attack, defense, seed, profile, config, status, started, plugins) "
             "VALUES (?,?,?,?,?,?,?,?,?,'running',?,?) ON CONFLICT(id) DO UPDATE SET status='running', error=NULL, "
-            "started=excluded.started, plugins=excluded.plugins",
+            "started=excluded.started, plugins=excluded.plugins, config=excluded.config",
             (spec.id, stage.id, stage.dataset, stage.model, stage.attack, spec.defense, stage.seed, stage.profile,
-             json.dumps({**_stage_config(stage), "defense": spec.defense, "defense_config": spec.defense_config}, sort_keys=True),
+             json.dumps(_cell_config(spec), sort_keys=True),
              time.time(), json.dumps(_plugins(spec))))
 
     def cell_done(self, cell_id: str, result: dict) -> None:
@@ -272,6 +272,13 @@ def _plugins(spec) -> list[dict]:
             ("model", stage.model, MODELS)]
     return [origin for kind, name, registry in used if name in registry
             and (origin := plugin_origin(registry.get(name), kind, name)) is not None]
+
+
+def _cell_config(spec) -> dict:
+    """The stage's config, the defense's resolved config, the fields of it the user set (so the
+    report knows the default variant without re-deriving the grid) and the extra measurements."""
+    return {**_stage_config(spec.stage), "defense": spec.defense, "defense_config": spec.defense_config,
+            "user_set": spec.user_set, "scan": spec.scan, "evaluation": spec.evaluation}
 
 
 def _stage_config(spec) -> dict:

@@ -15,7 +15,7 @@ os.environ.setdefault("BENCH_PROGRESS", "0")
 
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory):
-    from bench.cell import Workspace
+    from bench.workspace import Workspace
 
     # At most 2 threads (CI's cores), fewer when OMP_NUM_THREADS says so: on a shared machine
     # oversubscribed OpenMP threads spin and run ~10x slower.

@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
-from bench import engine, metrics
+from bench import engine
 from bench.attack import AttackContext, to_uint8
 from bench.config import build_config
 from bench.data.base import DatasetInfo, load_dataset
 from bench.data.splits import make_splits
 from bench.errors import BenchError
+from bench.metrics import accuracy
 from bench.registry import ATTACKS
 from tests.bounds import SEED, at_least, at_most
 
@@ -343,7 +344,7 @@ def stage_and_fresh_asr(smoke_cell, workspace, name: str):
     model, attack, stage_result = workspace.load_stage(stage)
     _, _, _, test = workspace.split(stage)
     triggered, _, targets = attack.triggered_test_set(test)
-    asr = metrics.attack_success_rate(engine.predict(model, triggered), targets)
+    asr = accuracy.attack_success_rate(engine.predict(model, triggered), targets)
     return result, stage_result, model, attack, test, asr
 
 
@@ -377,7 +378,7 @@ def test_sig_success_comes_from_the_learned_backdoor(smoke_cell, workspace):
     _, _, _, test = workspace.split(stage)
     sig = make("sig", workspace.dataset("synthetic")[0], SEED, test_delta=0.6)  # the smoke test's signal
     triggered, _, targets = sig.triggered_test_set(test)
-    at_most("clean model's ASR", metrics.attack_success_rate(engine.predict(clean_model, triggered), targets), 35.0)
+    at_most("clean model's ASR", accuracy.attack_success_rate(engine.predict(clean_model, triggered), targets), 35.0)
 
 
 @pytest.mark.trained
@@ -436,8 +437,8 @@ def test_input_aware_triggers_are_input_specific(smoke_cell, workspace):
     # Measured over seeds 0-2 x 1-2 threads x AVX-512 / AVX2: 0-0.2% of the images (bound 20%; 10.8%
     # with contiguous weights, before the engine moved to channels_last on the CPU).
     at_most("share of images under half the floor", (mask_pixels < floor_pixels / 2).float().mean().item(), 0.2)
-    cross_asr = metrics.attack_success_rate(engine.predict(model, cross), torch.zeros(len(x), dtype=torch.long))
-    own_asr = metrics.attack_success_rate(engine.predict(model, own), torch.zeros(len(x), dtype=torch.long))
+    cross_asr = accuracy.attack_success_rate(engine.predict(model, cross), torch.zeros(len(x), dtype=torch.long))
+    own_asr = accuracy.attack_success_rate(engine.predict(model, own), torch.zeros(len(x), dtype=torch.long))
     at_least("own-trigger ASR", own_asr, MIN_ASR["input-aware"])
     # Another image's trigger works far less often than the image's own: triggers are not reusable.
     # Measured over seeds 0-2 x 1-2 threads x AVX-512 / AVX2: own 81.4-96.2% (bound 65), cross 27.6-64.8%,

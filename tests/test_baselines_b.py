@@ -22,7 +22,12 @@ from bench.defense import DefenseContext
 from bench.engine import TrainConfig
 from bench.models.base import build_model
 from defenses.baselines.anp import NeuronMasks, neuron_layers, prune_below
-from defenses.baselines.clp import CLP, CLPConfig, channel_lipschitz_bounds, conv_bn_pairs
+from defenses.baselines.clp import (
+    CLP,
+    CLPConfig,
+    channel_lipschitz_bounds,
+    conv_bn_pairs,
+)
 from defenses.baselines.ibau import IBAU, IBAUConfig, inner_loss
 from defenses.baselines.nc import anomaly_index, flag_outliers
 from tests.bounds import SEED, at_least, at_most

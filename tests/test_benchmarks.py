@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.cell import CellSpec
 from bench.grid import GridRequest, expand
 from bench.registry import ATTACKS, DEFENSES
+from bench.spec import CellSpec
 from bench.store import ResultStore
 
 ROOT = Path(__file__).resolve().parents[1]

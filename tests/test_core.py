@@ -10,13 +10,13 @@ from bench.config import parse_field_values
 from bench.data.splits import make_splits
 from bench.errors import BenchError
 from bench.grid import GridRequest, expand
-from bench.metrics import (
+from bench.metrics.accuracy import (
     attack_success_rate,
     clean_accuracy,
     defense_effectiveness_rating,
-    detection_metrics,
     robust_accuracy,
 )
+from bench.metrics.detection import detection_metrics
 from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 
 

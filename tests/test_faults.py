@@ -126,6 +126,10 @@ BAD_INPUT = [
     (["--plugin", "/nonexistent/p.py", "list"], "plugin file not found: /nonexistent/p.py"),
     (["list", "--plugin", "/nonexistent/p.py"], "plugin file not found: /nonexistent/p.py"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([*RUN, "-o", "eval.oracle_samples=-1"], "invalid eval.oracle_samples=-1: must be >= 0"),
+    ([*RUN, "-o", "eval.feature_samples=10,20"], "eval.feature_samples takes one value, not a sweep"),
+    ([*RUN, "-o", "eval.tsne=1"], "has no field 'tsne'"),
+    ([*RUN, "--focus", "nonee"], "unknown defense 'nonee'; valid:"),
 ]
 FILE_CASES = ["store-is-a-directory", "store-is-a-text-file", "store-is-a-corrupt-sqlite-file", "bench-data-is-a-file",
               "truncated-fashion-mnist", "plugin-with-a-syntax-error"]
@@ -157,8 +161,8 @@ def test_bad_inputs_cover_the_sweep():
 @pytest.fixture
 def scratch(tmp_path):
     """A workspace of its own (these tests damage its files) and a 1-epoch smoke grid."""
-    from bench.cell import Workspace
     from bench.grid import GridRequest, expand
+    from bench.workspace import Workspace
 
     cells = expand(GridRequest("synthetic", "smoke", attacks=["badnets"], defenses=["ft", "fp"],
                                overrides=["train.epochs=1", "finetune.epochs=1"]))

@@ -192,3 +192,47 @@ def test_none_graph_analysis_finds_the_layers(model_name, one_thread):
         else:
             # plain chains: each convolution's channels go to the next one, the last one's to the classifier
             assert [layer.consumer for layer in graph.layers] == analysed[1:] + ["classifier"]
+
+
+# --- resnet18-w16: the paper's ResNet-18 at a quarter of the width --------------------------------
+
+def test_resnet18_w16_is_resnet18_at_a_quarter_width(one_thread):
+    for name in ("fashion-mnist", "cifar10"):  # 1x28x28 and 3x32x32
+        info = DATASETS.get(name).info
+        torch.manual_seed(0)
+        model = build_model("resnet18-w16", info).eval()
+        with torch.no_grad():
+            logits = model(torch.rand(2, *info.shape))
+        assert tuple(logits.shape) == (2, info.num_classes) and torch.isfinite(logits).all(), name
+        widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+        assert widths == [w // 4 for w in (m.out_channels for m in meta_model("resnet18", info).modules()
+                                           if isinstance(m, nn.Conv2d))], name
+    # convolutions scale with width squared, BatchNorm and the classifier with width: ~1/16
+    assert parameter_count(meta_model("resnet18-w16", cifar10_info())) == 701_466
+    ratio = parameter_count(meta_model("resnet18", cifar10_info())) / 701_466
+    assert 15 < ratio < 16.5
+
+
+def test_none_graph_analysis_sees_resnet18_w16_as_resnet18(one_thread):
+    graph_module = pytest.importorskip("defenses.none.graph", reason="NONE's graph analysis is not present")
+    info = DATASETS.get("synthetic").info
+    example = torch.rand(2, *info.shape)
+    graphs = {}
+    for name in ("resnet18", "resnet18-w16"):
+        torch.manual_seed(0)
+        model = build_model(name, info)
+        graph = graph_module.analyse_model(model, example)
+        convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        assert graph.method == "fx", f"{name}: {graph.fallback_reason}"
+        assert [layer.name for layer in graph.layers] == convs[1:]  # every convolution but the stem
+        assert all(layer.bn is not None for layer in graph.layers)
+        # a block's conv1 feeds its conv2 unambiguously; conv2 and the shortcuts end in a residual add
+        assert all(layer.consumer == layer.name.replace("conv1", "conv2") if layer.name.endswith("conv1")
+                   else layer.consumer is None for layer in graph.layers)
+        graphs[name] = graph.to_json()
+    wide, narrow = graphs["resnet18"], graphs["resnet18-w16"]
+    assert [layer["channels"] for layer in wide["layers"]] == [4 * layer["channels"] for layer in narrow["layers"]]
+    def structure(graph: dict) -> list[dict]:
+        return [{k: v for k, v in layer.items() if k != "channels"} for layer in graph["layers"]]
+
+    assert structure(wide) == structure(narrow) and wide["excluded"] == narrow["excluded"]

@@ -11,7 +11,12 @@ from bench.errors import BenchError
 from bench.models.base import ImageClassifier, build_model
 from bench.models.preact_resnet import PreActBlock
 from defenses.none.graph import analyse_model, reset_channels
-from defenses.none.scoring import channel_scores, jenks_split, sample_scores, select_channels
+from defenses.none.scoring import (
+    channel_scores,
+    jenks_split,
+    sample_scores,
+    select_channels,
+)
 from tests.bounds import at_least, at_most
 
 INFO = DatasetInfo("t", 10, (3, 16, 16), mean=(0.5,) * 3, std=(0.25,) * 3, hflip=False)

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bench.cell import CellSpec, StageSpec
 from bench.grid import GridRequest, expand
-from bench.metrics import defense_effectiveness_rating
+from bench.metrics.accuracy import defense_effectiveness_rating
 from bench.report import write_index, write_report
+from bench.spec import CellSpec, StageSpec
 from bench.store import ResultStore
 
 ENV = {"bench": "0.1.0", "torch": "test", "torchvision": "test", "python": "3", "device": "cpu (test)", "host": "test"}
@@ -104,7 +104,10 @@ def fabricated(tmp_path_factory):
         store.cell_done(undefended.id, {"metrics": {"c_acc": acc, "asr": asr, "ra": ra, "der": None if asr is None else 0.5},
                                         "timings": {"attack_s": seconds, "defense_s": 0.0, "eval_s": 0.1}, "environment": ENV})
     for number, (dataset, attack, seed, defense, config, status, acc, asr, ra, detection) in enumerate(CELLS):
-        cell = FixedCell(stages[(dataset, attack, seed)], defense, dict(config), fixed_id=f"c-fab{number:02d}")
+        # the fields the user set, as the grid records them: the sweep's, none for the default variant
+        user_set = {"defense": {"max_reset_fraction": 0.1}} if config == NONE_SWEEP else {}
+        cell = FixedCell(stages[(dataset, attack, seed)], defense, dict(config), user_set=user_set,
+                         fixed_id=f"c-fab{number:02d}")
         store.cell_running(cell)
         if status == "failed":
             store.cell_failed(cell.id, ERROR + "\nTraceback (most recent call last): ...")
@@ -221,8 +224,8 @@ def test_every_figure_is_a_valid_image_and_referenced(fabricated):
     svgs = [p.with_suffix(".svg") for p in drawn] + [index.parent / "summary.svg"]
     for svg in svgs:
         assert ET.parse(svg).getroot().tag.endswith("svg")
-    # fabricated cells have no model: t-SNE is skipped with a note, not an error
-    assert "t-SNE: badnets: no model in" in readme
+    # fabricated cells stored no features: t-SNE is skipped with a note naming the cell, not an error
+    assert "t-SNE: badnets: the undefended cell" in readme and "stored no features" in readme
 
 
 def test_index_summarises_across_datasets(fabricated):
@@ -259,12 +262,12 @@ def test_real_smoke_cell_gives_tsne_and_curves(smoke_cell, workspace, tmp_path):
     store.stage_done(spec.stage.id, stage_result)
     store.cell_running(spec)
     store.cell_done(spec.id, result)
-    report = write_report(store, "synthetic", tmp_path, tsne_samples=150)
+    report = write_report(store, "synthetic", tmp_path)
     readme = (report / "README.md").read_text()
     assert (report / "figures" / "tsne.png").is_file() and "figures/tsne.png" in readme
     with Image.open(report / "figures" / "tsne.png") as image:
         image.verify()
-    assert "no finished NONE cell" in readme
+    assert "no finished none cell" in readme  # the focus defense, NONE by default, did not run
     row = table_rows(readme, "## Results")["undefended"][0]
     assert row.startswith(f"{result['metrics']['c_acc']:.2f} / {result['metrics']['asr']:.2f} / ")
     assert (report / "figures" / "curves.png").is_file()
@@ -394,3 +397,77 @@ def test_every_defense_has_its_own_colour_and_marker_plugins_included():
                   for i, c1 in enumerate(colours) for c2 in colours[i + 1:])
     assert closest >= 0.15, f"two defenses' colours are {closest:.3f} apart in RGB"
     assert len({markers[name] for name in DEFENSES.names()}) == len(DEFENSES.names())
+
+
+def test_tsne_draws_the_features_cells_stored_and_never_builds_a_model(smoke_cell, workspace, tmp_path, monkeypatch):
+    """Cells store penultimate features of the same clean and triggered test images (the smoke
+    profile's eval.feature_samples=100 each); the report embeds those, with --focus choosing the
+    defense beside the undefended model, and builds no model to do it."""
+    from safetensors.torch import load_file
+
+    results = {defense: smoke_cell("badnets", defense) for defense in ("undefended", "ft")}
+    stored = {d: load_file(str(workspace.root / r["id"] / "features.safetensors")) for d, r in results.items()}
+    for features in stored.values():
+        assert features["features"].shape[0] == 200 and int(features["triggered"].sum()) == 100
+        assert features["features"].isfinite().all()
+    assert stored["undefended"]["labels"].equal(stored["ft"]["labels"])  # the same images for every cell of a stage
+    assert not stored["undefended"]["features"].equal(stored["ft"]["features"])  # fine-tuning moved them
+    triggered = stored["undefended"]["triggered"]
+    asr = (stored["undefended"]["predicted"][triggered] == stored["undefended"]["targets"][triggered]).float().mean()
+    assert abs(100 * float(asr) - results["undefended"]["metrics"]["asr"]) < 15  # a 100-image sample of the same ASR
+
+    store = ResultStore(workspace.root / f"report-{tmp_path.name}.sqlite")
+    for result in results.values():
+        spec = CellSpec.from_json(result["spec"])
+        store.stage_running(spec.stage)
+        store.stage_done(spec.stage.id, json.loads((workspace.root / spec.stage.id / "result.json").read_text()))
+        store.cell_running(spec)
+        store.cell_done(spec.id, result)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the report built a model")
+
+    monkeypatch.setattr("bench.models.base.build_model", no_model)
+    report = write_report(store, "synthetic", tmp_path, focus="ft")
+    readme = (report / "README.md").read_text()
+    assert (report / "figures" / "tsne.png").is_file() and "t-SNE:" not in readme
+    assert "**ft's ASR reduction vs undefended**" in readme
+    assert "NONE's ASR reduction" not in readme
+
+
+def _ranking_setup(scores: dict[str, list[float]]):
+    """A setup whose defenses have these per-seed DERs on one triggered attack."""
+    import pandas as pd
+
+    from bench.report.collect import Setup
+
+    rows = [{"defense": d, "defense_label": d, "attack": "badnets", "attack_label": "badnets", "attack_sort": "badnets",
+             "defense_sort": d, "seed": seed, "status": "done", "der": der, "asr": 100 * (1 - der), "c_acc": 90.0,
+             "undef_asr": 99.0, "primary": True} for d, values in scores.items() for seed, der in enumerate(values)]
+    return Setup(key="k", label="test", cells=pd.DataFrame(rows))
+
+
+def test_ranking_separates_only_what_the_seeds_support():
+    """Known answer: a and c differ by less than their seed-to-seed noise, b is clearly worse than
+    both (paired 95% intervals over three seeds), so a and c share ranks 1-2 and b is 3rd."""
+    from bench.report.ranking import ranking, ranking_section, separable
+
+    setup = _ranking_setup({"a": [0.90, 0.91, 0.92], "b": [0.50, 0.52, 0.51], "c": [0.89, 0.93, 0.90]})
+    table = ranking(setup).set_index("defense")
+    assert (table.loc["a", "best"], table.loc["a", "worst"]) == (1, 2)
+    assert (table.loc["c", "best"], table.loc["c", "worst"]) == (1, 2)
+    assert (table.loc["b", "best"], table.loc["b", "worst"]) == (3, 3)
+    assert abs(table.loc["b", "der_std"] - 0.01) < 1e-9
+    import pandas as pd
+
+    assert separable(pd.Series([0.9, 0.91, 0.92]), pd.Series([0.5, 0.52, 0.51])) == 1
+    assert separable(pd.Series([0.5]), pd.Series([0.9])) == 0  # one common seed: nothing is separable
+    text = "\n".join(ranking_section(setup))
+    assert "| 1–2 | a |" in text and "| 3 | b |" in text and "One seed cannot" not in text
+
+
+def test_one_seed_says_it_cannot_rank():
+    from bench.report.ranking import ranking_section
+
+    text = "\n".join(ranking_section(_ranking_setup({"a": [0.9], "b": [0.5]})))
+    assert "One seed cannot rank these defenses" in text and "| 1–2 | a |" in text and "| 1–2 | b |" in text

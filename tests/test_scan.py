@@ -8,7 +8,7 @@ from torch import nn
 
 from bench.data.base import DatasetInfo, ImageSet
 from bench.grid import GridRequest, expand
-from bench.scan import ScanConfig, scan
+from bench.metrics.reasr import ScanConfig, scan
 from tests.bounds import SEED, at_least, at_most
 
 SIDE = 16
@@ -75,7 +75,7 @@ def test_linear_model_known_trigger(tmp_path, one_thread):
     assert torch.equal(again.masks, result.masks) and again.reasr == result.reasr
     # The report's figures render from a result and from its JSON form.
     from bench.report.figures import save
-    from bench.scan_figures import plot_reasr, trigger_grid
+    from bench.report.reasr_figures import plot_reasr, trigger_grid
 
     curve = save(plot_reasr({"linear": result.reasr, "json": result.to_json()["reasr"]}), tmp_path / "reasr", "").png
     grid = save(trigger_grid({"linear": result}), tmp_path / "grid", "").png
@@ -136,7 +136,7 @@ def test_stimulation_candidates_then_inversion(workspace, smoke_cell):
 
 
 def test_split_is_disjoint_stratified_and_seeded():
-    from bench.scan import split_images
+    from bench.metrics.reasr import split_images
 
     labels = torch.arange(100) % 10
     labels[:7] = 0  # class 0 has 16 images, classes 1..6 have 9, 7..9 have 10

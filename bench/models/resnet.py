@@ -3,8 +3,8 @@ as NONE's paper trains it, with the activation as a parameter.
 
 NONE argues that backdoors ride on piece-wise linear activations, and its paper compares
 ReLU with LeakyReLU, ELU and Softplus versions of the same network; those are registered
-as ``resnet18-<activation>``. For the ImageNet form (7x7 stride-2 stem + max-pool, cheaper
-at 224 px) use ``timm:resnet18``.
+as ``resnet18-<activation>``; ``resnet18-w16`` is the ReLU network at a quarter of the width.
+For the ImageNet form (7x7 stride-2 stem + max-pool, cheaper at 224 px) use ``timm:resnet18``.
 """
 from __future__ import annotations
 
@@ -88,6 +88,18 @@ def resnet18_with(activation: str, info: DatasetInfo) -> ImageClassifier:
 def resnet18(info: DatasetInfo) -> ImageClassifier:
     """ResNet-18, CIFAR form (3x3 stem, no max-pool), ReLU: NONE's main model."""
     return resnet18_with("relu", info)
+
+
+@register_model("resnet18-w16")
+def resnet18_w16(info: DatasetInfo) -> ImageClassifier:
+    """ResNet-18 (CIFAR form, ReLU) at a quarter of the width (16-32-64-128): NONE's model family on a CPU.
+
+    ``resnet18``'s blocks, BatchNorm placement, projection shortcuts and pooling head, so NONE's
+    graph analysis finds the same structure, with about 1/16 of its parameters and multiply-adds.
+    Unlike ``small-cnn`` it has residual adds and a BatchNorm after every convolution, as the
+    paper's models (Wang et al. 2022) do."""
+    body = ResNetBody(info.channels, "relu", widths=(16, 32, 64, 128))
+    return ImageClassifier(body, body.num_features, info)
 
 
 @register_model("resnet18-leakyrelu")

@@ -3,9 +3,11 @@ its rows point to): ``reports/<dataset>/`` (README.md with tables and figures, r
 results.json, figures/) and ``reports/index.md`` across datasets.
 
 Modules: ``collect`` (store -> tidy frame), ``tables`` (markdown), ``figures`` (seaborn),
-``tsne`` (features of rebuilt models), ``diagnostics`` (NONE's own figures), ``reasr`` (the
-trigger-inversion scan: table and figures), ``exports``
-(CSV/JSON), ``summary`` (cross-dataset measures).
+``tsne`` (the features cells stored), ``diagnostics`` (figures defenses ship for their own
+cells), ``reasr`` (the trigger-inversion scan: table and figures), ``selection`` (did a defense
+hit the backdoor's units), ``exports`` (CSV/JSON), ``summary`` (cross-dataset measures).
+The *focus* defense (NONE by default, ``report --focus``) gets the headline ASR reduction
+factor and the t-SNE panel beside the undefended model.
 """
 from __future__ import annotations
 
@@ -14,11 +16,21 @@ import shutil
 import sys
 from pathlib import Path
 
-from bench.report import diagnostics, exports, figures, reasr, tables, tsne
+from bench.metrics import METRICS
+from bench.report import (
+    diagnostics,
+    exports,
+    figures,
+    ranking,
+    reasr,
+    selection,
+    tables,
+    tsne,
+)
 from bench.report.collect import ReportData, Setup, load
 from bench.report.figures import FigureFile
 from bench.report.palette import defense_palette
-from bench.report.summary import reduction_factor, write_index
+from bench.report.summary import focus_name, reduction_factor, write_index
 
 __all__ = ["write_report", "write_index", "load"]
 
@@ -26,10 +38,9 @@ HEADER = ("<!-- Generated from the results store by bench.report (`python -m ben
           "Put hand-written notes in NOTES.md beside this file: they are included below. -->")
 
 
-def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True, tsne_samples: int = 300,
-                 device: str = "auto") -> Path:
+def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True, focus: str = "none") -> Path:
     """Write ``<out_dir>/<dataset>/`` (README.md, results.csv, results.json, figures/) and return
-    that directory. ``tsne_figure=False`` skips the only part that loads models."""
+    that directory. ``tsne_figure=False`` skips the t-SNE embedding (the slowest part)."""
     plugin_notes = load_recorded_plugins(store.cells(dataset=dataset))
     data = load(store, dataset)
     directory = Path(out_dir) / dataset
@@ -51,9 +62,11 @@ def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True
         lines += ["The results store holds no cells for this dataset yet: run `python -m bench run --dataset "
                   f"{dataset}`.", ""]
     else:
-        factor = reduction_factor(data.main)
+        factor = reduction_factor(data.main, focus)
         if factor is not None:
-            lines += [f"**NONE's ASR reduction vs undefended** ({data.main.label}): {factor.text()}.", ""]
+            lines += [f"**{focus_name(focus)}'s ASR reduction vs undefended** ({data.main.label}): {factor.text()}.", ""]
+        elif focus not in set(data.cells["defense"]):
+            lines += [f"The focus defense `{focus}` has no cells here (`report --focus <defense>` picks another).", ""]
         if len(data.superseded):
             lines += [f"{len(data.superseded)} older cell(s) of the same settings, from before a plugin or core version "
                       "change, are superseded by their re-runs and not shown (they remain in the store).", ""]
@@ -66,7 +79,7 @@ def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True
             level = "###" if several else "##"
             if several:
                 lines += [f"## Setup {number}: {setup.label}", ""]
-            lines += _section(data, setup, figure_dir, prefix, palette, level, tsne_figure, tsne_samples, device)
+            lines += _section(data, setup, figure_dir, prefix, palette, level, tsne_figure, focus)
     lines += ["## Files", "", "- [`results.csv`](results.csv): one row per cell and metric (tidy)",
               "- [`results.json`](results.json): every cell and stage as stored, and the aggregated table",
               "- `figures/`: every figure as PNG and SVG", ""]
@@ -143,7 +156,7 @@ def _reasr_lines(data: ReportData, setup: Setup, figure_dir: Path, prefix: str, 
 
 
 def _section(data: ReportData, setup: Setup, figure_dir: Path, prefix: str, palette: dict, level: str,
-             tsne_figure: bool, tsne_samples: int, device: str) -> list[str]:
+             tsne_figure: bool, focus: str) -> list[str]:
     directory = figure_dir.parent
     sub = level + "#"
     notes: list[str] = []
@@ -156,11 +169,18 @@ def _section(data: ReportData, setup: Setup, figure_dir: Path, prefix: str, pale
               "DER in [0, 1] (0.5: no change; higher is better). Mean ± sample std over seeds when there are several. "
               "**failed**: the cell failed (see below); —: not run; `benign` has no trigger, so no ASR/RA/DER.", "",
               tables.results_table(setup), ""]
-    detection = tables.detection_table(setup)
+    ranked = ranking.ranking_section(setup)
+    if ranked:
+        lines += [f"{level} Ranking", ""] + ranked
+    detection = tables.detection_table(setup, focus)
     if detection:
         lines += [f"{level} Detection of poisoned training samples", "",
                   "Defenses that flag training samples, against the true poisoned indices (which they never see).", "",
                   detection, ""]
+    hits = selection.table(setup)
+    if hits:
+        lines += [f"{level} Did the defense hit the backdoor's units?", "", selection.EXPLANATION, "", hits, ""]
+        lines += _figure_lines(selection.figure(setup, palette, figure_dir / f"{prefix}selection"), directory, sub)
     scan_lines, scan_notes = _reasr_lines(data, setup, figure_dir, prefix, palette, level)
     lines += scan_lines
     notes += scan_notes
@@ -171,7 +191,7 @@ def _section(data: ReportData, setup: Setup, figure_dir: Path, prefix: str, pale
     if failures:
         lines += [f"{level} Failed and unfinished cells", "", failures, ""]
     lines += [f"{level} Figures", ""]
-    for metric in ("asr", "c_acc", "der"):
+    for metric in (name for name, declared in METRICS.items() if declared.heatmap is not None):
         lines += _figure_lines(figures.heatmap(setup, metric, figure_dir / f"{prefix}heatmap_{metric}"), directory, sub)
     lines += _figure_lines(figures.scatter(setup, palette, figure_dir / f"{prefix}acc_vs_asr"), directory, sub)
     lines += _figure_lines(figures.bars(setup, palette, figure_dir / f"{prefix}bars"), directory, sub)
@@ -187,10 +207,7 @@ def _section(data: ReportData, setup: Setup, figure_dir: Path, prefix: str, pale
             for figure in group:
                 lines += [f"![{figure.title}]({figure.png.relative_to(directory).as_posix()})", ""]
     if tsne_figure:
-        try:
-            embedding, tsne_notes = tsne.render(data, setup, figure_dir / f"{prefix}tsne", tsne_samples, device)
-        except Exception as exc:  # rebuilding models can fail for reasons outside the report (a broken plugin)
-            embedding, tsne_notes = None, [f"t-SNE failed: {exc.__class__.__name__}: {exc}"]
+        embedding, tsne_notes = tsne.render(data, setup, figure_dir / f"{prefix}tsne", focus)
         lines += _figure_lines(embedding, directory, sub)
         notes += [f"t-SNE: {n}" for n in tsne_notes]
     else:

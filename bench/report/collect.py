@@ -18,15 +18,17 @@ from typing import Any
 
 import pandas as pd
 
+from bench.metrics import METRICS
+from bench.metrics import names as metric_names
 from bench.store import ResultStore
 
-# Metrics shown in the results table; every cell gets these columns (NaN when absent).
-MAIN_METRICS = ("c_acc", "asr", "ra", "der")
-DETECTION_METRICS = ("det_precision", "det_recall", "det_fpr", "det_flagged")
-SCAN_METRICS = ("reasr",)  # max REASR over the size bounds (percent), for cells that ran the trigger scan
+# Every metric a cell may store, from the one table that declares them (bench/metrics/__init__.py).
+MAIN_METRICS = metric_names("main")
+DETECTION_METRICS = metric_names("detection")
+SCAN_METRICS = metric_names("scan")
+SELECTION_METRICS = metric_names("selection")
+ALL_METRICS = tuple(METRICS)
 TIMING_KEYS = ("attack_s", "defense_s", "eval_s")
-METRIC_NAMES = {"c_acc": "C-ACC", "asr": "ASR", "ra": "RA", "der": "DER", "det_precision": "precision",
-                "det_recall": "recall", "det_fpr": "FPR", "det_flagged": "flagged", "reasr": "REASR"}
 REFERENCE = "undefended"
 
 
@@ -68,34 +70,6 @@ def varying_fields(configs: list[dict]) -> list[str]:
         return []
     return sorted(k for k in set().union(*unique.values())
                   if len({_canonical(c.get(k)) for c in unique.values()}) > 1)
-
-
-def default_config(kind: str, name: str, attack: str | None = None, profile: str | None = None) -> dict | None:
-    """The configuration the grid gives a plugin when the user overrides nothing: the plugin's
-    defaults, then (with ``attack`` and ``profile``) its per-attack and the profile's defaults.
-    None when the plugin or profile is not loaded here (a ``--plugin`` file)."""
-    import dataclasses
-
-    from bench.config import build_config
-    from bench.registry import ATTACKS, DEFENSES, PROFILES
-
-    try:
-        if kind == "attack":
-            cls = ATTACKS.get(name)
-            values = {}
-            if profile is not None:
-                fields = {f.name for f in dataclasses.fields(cls.Config)}
-                values = {k: v for k, v in PROFILES.get(profile).attack_defaults.items() if k in fields}
-            return dataclasses.asdict(build_config(cls.Config, values))
-        cls = DEFENSES.get(name)
-        values = {}
-        if attack is not None and profile is not None:
-            from bench.grid import defense_defaults
-
-            values = defense_defaults(cls, name, attack, PROFILES.get(profile))
-        return dataclasses.asdict(build_config(cls.Config, values))
-    except Exception:  # an unregistered plugin or profile: no default known
-        return None
 
 
 @dataclass
@@ -187,12 +161,13 @@ def load(store: ResultStore, dataset: str) -> ReportData:
             # as stored (None for a failed cell), so the JSON export is the store's own record
             "metrics": cell.get("metrics"), "timings": cell.get("timings"), "environment": cell.get("environment"),
             "details": cell.get("details"), "plugins": cell.get("plugins") or [],
+            "user_set": config.get("user_set"),  # None in stores written before it was recorded
             "stage_status": stage.get("status"), "stage_s": _number((stage.get("timings") or {}).get("total_s")),
             "undef_c_acc": _number(stage_metrics.get("c_acc")), "undef_asr": _number(stage_metrics.get("asr")),
             "undef_ra": _number(stage_metrics.get("ra")), "poison_rate": _number(stage_metrics.get("poison_rate")),
             "poisoned": _number(stage_metrics.get("poisoned")),
         }
-        for name in MAIN_METRICS + DETECTION_METRICS + SCAN_METRICS:
+        for name in ALL_METRICS:
             row[name] = _number(metrics.get(name))
         for name in TIMING_KEYS:
             row[name] = _number(timings.get(name))
@@ -229,7 +204,8 @@ def _latest(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _label(group: pd.DataFrame) -> pd.DataFrame:
-    """Variant labels, display order and primary defense variants of one setup.
+    """Variant labels, display order and primary defense variants of one setup (the variant the
+    user set no defense field for, as recorded in the store).
 
     A defense's configuration may legitimately differ between attacks (per-attack defaults,
     e.g. NONE's natural preset on ``benign``), so only fields that take several values for
@@ -251,15 +227,13 @@ def _label(group: pd.DataFrame) -> pd.DataFrame:
         for name, c in zip(group["defense"], group["defense_config"])]
     group["defense_sort"] = [_sort_key(name, c, swept[name], name == REFERENCE)
                              for name, c in zip(group["defense"], group["defense_config"])]
-    profile = group.iloc[0]["profile"]
     primary = {}
     for (name, attack), sub in group.groupby(["defense", "attack"]):
-        default = default_config("defense", name, attack, profile)
         chosen = None
         for label, variant in sub.groupby("defense_label"):
-            if default is not None and _canonical(variant.iloc[0]["defense_config"]) == _canonical(default):
-                chosen = label
-        if chosen is None:  # no default-config variant: the one with most cells, then the first in order
+            if all(user_set is not None and not user_set.get("defense") for user_set in variant["user_set"]):
+                chosen = label  # the configuration the grid gives when the user sets nothing
+        if chosen is None:  # no default variant: the one with most cells, then the first in order
             chosen = min((-len(v), v.iloc[0]["defense_sort"], label) for label, v in sub.groupby("defense_label"))[2]
         primary[(name, attack)] = chosen
     group["primary"] = [primary[(d, a)] == label for d, a, label in zip(group["defense"], group["attack"],

@@ -23,7 +23,17 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from bench.report.collect import REFERENCE, Setup, aggregate, has_trigger, lookup, short, status_of, swept_fields
+from bench.metrics import METRICS
+from bench.report.collect import (
+    REFERENCE,
+    Setup,
+    aggregate,
+    has_trigger,
+    lookup,
+    short,
+    status_of,
+    swept_fields,
+)
 from bench.report.palette import FAILED_EDGE, FAILED_HATCH, defense_markers
 
 STATE_TEXT = {"failed": "failed", "missing": "—", "running": "running"}
@@ -60,16 +70,12 @@ def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
 
 # --- heatmaps --------------------------------------------------------------------------
 
-HEATMAPS = {
-    "asr": ("ASR (%)", "Reds", 0.0, 100.0, None, 2),
-    "c_acc": ("C-ACC (%)", "RdYlGn", None, 100.0, None, 2),
-    "der": ("DER", "RdYlGn", 0.0, 1.0, 0.5, 4),
-}
-
-
 def heatmap(setup: Setup, metric: str, stem: Path) -> FigureFile | None:
-    label, cmap, vmin, vmax, center, digits = HEATMAPS[metric]
-    attacks = setup.attacks if metric == "c_acc" else [a for a in setup.attacks if has_trigger(setup.cells, a)]
+    declared = METRICS[metric]
+    style_of = declared.heatmap
+    label, cmap, vmin, vmax, center, digits = (declared.axis_label, style_of.colormap, style_of.vmin, style_of.vmax,
+                                               style_of.center, style_of.digits)
+    attacks = [a for a in setup.attacks if not style_of.needs_trigger or has_trigger(setup.cells, a)]
     defenses = setup.defenses
     if not attacks or not defenses:
         return None

@@ -1,4 +1,4 @@
-"""REASR (trigger inversion, bench/scan.py) in the report: per attack, a table of REASR per
+"""REASR (trigger inversion, bench/metrics/reasr.py) in the report: per attack, a table of REASR per
 size bound, REASR against the bound, and the reversed triggers.
 
 Numbers come from the store (``metrics["reasr"]``, ``details["scan"]``); only the trigger
@@ -88,7 +88,7 @@ def reasr_table(cells: pd.DataFrame, bounds: list[float], defenses: list[str]) -
 def curve_figure(cells: pd.DataFrame, bounds: list[float], palette: dict[str, str], attack: str,
                  stem: Path) -> FigureFile | None:
     """REASR against the bound, one line per defense (its primary variant), mean ± std over seeds."""
-    from bench.scan_figures import plot_reasr
+    from bench.report.reasr_figures import plot_reasr
 
     names = tuple(bound_column(b) for b in bounds)
     table = aggregate(cells[cells["primary"]], ["defense"], names)
@@ -110,7 +110,7 @@ def load_triggers(directory: Path, scan: dict):
     """The cell's stored triggers, or (None, why) when its artifacts are missing or unreadable."""
     from safetensors.torch import load_file
 
-    from bench.scan_figures import StoredTriggers
+    from bench.report.reasr_figures import StoredTriggers
 
     path = directory / SCAN_FILE
     if not path.is_file():
@@ -137,7 +137,7 @@ def _first_triggers(cells: pd.DataFrame, root: Path):
 
 def trigger_figure(cells: pd.DataFrame, root: Path, attack: str, stem: Path) -> tuple[FigureFile | None, list[str]]:
     """Rows: defenses (primary variants, first seed whose triggers load); columns: bounds."""
-    from bench.scan_figures import trigger_grid
+    from bench.report.reasr_figures import trigger_grid
 
     done = cells[cells["primary"] & (cells["status"] == "done")]
     rows, notes = {}, []

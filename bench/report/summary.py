@@ -2,9 +2,9 @@
 
 Per dataset the main setup (most finished cells) is summarised by each defense's default
 variant: mean ASR over the attacks that have a trigger, mean C-ACC over all attacks, over
-the finished cells of every seed. NONE's ASR reduction factor is the paper's headline
-measure: mean undefended ASR / mean NONE ASR over the same (attack, seed) pairs — each NONE
-cell against the undefended model of its own attack stage.
+the finished cells of every seed. The focus defense's ASR reduction factor (NONE's by default,
+the paper's headline measure) is mean undefended ASR / mean defended ASR over the same (attack,
+seed) pairs — each cell against the undefended model of its own attack stage.
 """
 from __future__ import annotations
 
@@ -20,11 +20,16 @@ from bench.report.tables import DASH, fmt, markdown_table
 NONE_DEFENSE = "none"
 
 
+def focus_name(defense: str) -> str:
+    return "NONE" if defense == NONE_DEFENSE else defense
+
+
 @dataclass
 class Factor:
     undefended: float
     defended: float
     pairs: int
+    defense: str = NONE_DEFENSE
 
     @property
     def value(self) -> float:
@@ -36,7 +41,7 @@ class Factor:
         return "∞" if math.isinf(self.value) else f"{self.value:.2f}×"
 
     def text(self) -> str:
-        return (f"{self.short()} lower ASR (mean undefended {self.undefended:.2f}% → NONE {self.defended:.2f}% "
+        return (f"{self.short()} lower ASR (mean undefended {self.undefended:.2f}% → {focus_name(self.defense)} {self.defended:.2f}% "
                 f"over {self.pairs} attack × seed pair{'s' if self.pairs != 1 else ''})")
 
 
@@ -48,16 +53,16 @@ def reduction_factor(setup: Setup | None, defense: str = NONE_DEFENSE) -> Factor
                   & frame["asr"].notna() & frame["undef_asr"].notna()]
     if cells.empty:
         return None
-    return Factor(float(cells["undef_asr"].mean()), float(cells["asr"].mean()), len(cells))
+    return Factor(float(cells["undef_asr"].mean()), float(cells["asr"].mean()), len(cells), defense)
 
 
-def pooled_factor(setups: list[Setup]) -> Factor | None:
-    factors = [f for f in (reduction_factor(s) for s in setups) if f is not None]
+def pooled_factor(setups: list[Setup], defense: str = NONE_DEFENSE) -> Factor | None:
+    factors = [f for f in (reduction_factor(s, defense) for s in setups) if f is not None]
     if not factors:
         return None
     pairs = sum(f.pairs for f in factors)
     return Factor(sum(f.undefended * f.pairs for f in factors) / pairs, sum(f.defended * f.pairs for f in factors) / pairs,
-                  pairs)
+                  pairs, defense)
 
 
 def dataset_summary(setup: Setup, dataset: str) -> pd.DataFrame:
@@ -82,9 +87,9 @@ def _mean(values: pd.Series) -> float:
     return float(values.mean()) if len(values) else math.nan
 
 
-def write_index(store, out_dir: Path) -> Path:
+def write_index(store, out_dir: Path, focus: str = NONE_DEFENSE) -> Path:
     """``<out_dir>/index.md``: every dataset's report, the cross-dataset summary table and figure,
-    and NONE's ASR reduction factor per dataset and overall."""
+    and the focus defense's ASR reduction factor per dataset and overall."""
     from bench.report.figures import summary as summary_figure
     from bench.report.palette import defense_palette
 
@@ -129,18 +134,21 @@ def write_index(store, out_dir: Path) -> Path:
               markdown_table(["defense", *datasets, "mean over datasets"], rows), ""]
     rows = []
     for dataset, data in loaded.items():
-        factor = reduction_factor(data.main)
+        factor = reduction_factor(data.main, focus)
         rows.append([dataset, fmt(factor.undefended) if factor else DASH, fmt(factor.defended) if factor else DASH,
                      factor.short() if factor else DASH, str(factor.pairs) if factor else "0"])
-    overall = pooled_factor([data.main for data in loaded.values()])
+    overall = pooled_factor([data.main for data in loaded.values()], focus)
     if len(datasets) > 1:
         rows.append(["**all datasets**", fmt(overall.undefended) if overall else DASH,
                      fmt(overall.defended) if overall else DASH, overall.short() if overall else DASH,
                      str(overall.pairs) if overall else "0"])
-    lines += ["## NONE's ASR reduction factor", "",
-              "Mean ASR of the undefended models / mean ASR of NONE over the same attack × seed pairs (each NONE cell "
-              "against its own attack stage). The NONE paper reports 54.83× on average over five datasets and five "
-              "attacks.", "", markdown_table(["dataset", "undefended ASR %", "NONE ASR %", "reduction", "pairs"], rows), ""]
+    name = focus_name(focus)
+    lines += [f"## {name}'s ASR reduction factor", "",
+              f"Mean ASR of the undefended models / mean ASR of {name} over the same attack × seed pairs (each {name} "
+              "cell against its own attack stage)."
+              + (" The NONE paper reports 54.83× on average over five datasets and five attacks." if focus == NONE_DEFENSE
+                 else ""), "",
+              markdown_table(["dataset", "undefended ASR %", f"{name} ASR %", "reduction", "pairs"], rows), ""]
     palette = defense_palette(list(table["defense"].unique()))
     figure = summary_figure(table, palette, out_dir / "summary")
     if figure is not None:

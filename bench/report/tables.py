@@ -18,7 +18,6 @@ from bench.report.collect import (
     MAIN_METRICS,
     Setup,
     aggregate,
-    default_config,
     has_trigger,
     lookup,
     short,
@@ -93,11 +92,12 @@ def results_table(setup: Setup) -> str:
     return markdown_table(["defense \\ attack", *attacks], rows, ["l"] + ["c"] * len(attacks))
 
 
-def detection_table(setup: Setup) -> str | None:
-    """Defenses that flag training samples (NONE, ABL, ...): precision / recall / FPR per attack."""
+def detection_table(setup: Setup, focus: str = "none") -> str | None:
+    """Defenses that flag training samples (NONE, ABL, ...): precision / recall / FPR per attack;
+    the focus defense always has its rows, so that "flagged nothing" shows."""
     frame = setup.cells
     flagging = [d for d in setup.defenses if frame.loc[frame["defense_label"] == d, "det_recall"].notna().any()
-                or frame.loc[frame["defense_label"] == d, "defense"].iloc[0] == "none"]
+                or frame.loc[frame["defense_label"] == d, "defense"].iloc[0] == focus]
     if not flagging:
         return None
     table = aggregate(frame, ["defense_label", "attack_label"], DETECTION_METRICS + ("poisoned",))
@@ -228,24 +228,33 @@ def _cli_value(value) -> str:
     return short(value)
 
 
-def _config_overrides(prefix: str, pairs: list[tuple[dict, dict | None]], swept: list[str]) -> list[str]:
-    """``prefix.field=v1,v2`` for swept fields and for fields that differ from the grid's default."""
+def _config_overrides(prefix: str, configs: list[dict], swept: list[str]) -> list[str]:
+    """``prefix.field=v1,v2`` for the swept fields of these configurations."""
     result = []
-    for key in sorted(set().union(*(config for config, _ in pairs))):
-        values: list[str] = []
-        for config, default in pairs:
-            differs = default is not None and json.dumps(config.get(key), default=str) != json.dumps(default.get(key),
-                                                                                                   default=str)
-            if (key in swept or differs) and _cli_value(config.get(key)) not in values:
-                values.append(_cli_value(config.get(key)))
-        if values:
-            result.append(f"{prefix}.{key}={','.join(values)}")
+    for key in swept:
+        values = list(dict.fromkeys(_cli_value(config.get(key)) for config in configs))
+        result.append(f"{prefix}.{key}={','.join(values)}")
     return result
 
 
+def _user_overrides(frame: pd.DataFrame) -> list[str]:
+    """The ``-o`` options the cells were run with, as each recorded the fields its user set, with
+    the values of a sweep joined in the order they first appear."""
+    values: dict[str, list[str]] = {}
+    for _, row in frame.iterrows():
+        user_set = row["user_set"]
+        for section, name in (("attack", row["attack"]), ("defense", row["defense"]), ("train", None),
+                              ("finetune", None), ("eval", None)):
+            for key, value in (user_set.get(section) or {}).items():
+                option = f"{section}.{name}.{key}" if name else f"{section}.{key}"
+                if _cli_value(value) not in values.setdefault(option, []):
+                    values[option].append(_cli_value(value))
+    return [f"{option}={','.join(vals)}" for option, vals in sorted(values.items())]
+
+
 def reproduce_command(setup: Setup, dataset: str) -> str:
-    """An equivalent ``python -m bench run`` command, rebuilt from the stored configurations
-    (overrides for every field that differs from the plugin or profile default)."""
+    """An equivalent ``python -m bench run`` command, rebuilt from the store: the plugin files,
+    the setup, and the ``-o`` options each cell recorded as set by its user."""
     from bench.registry import PROFILES
 
     frame = setup.cells
@@ -255,31 +264,28 @@ def reproduce_command(setup: Setup, dataset: str) -> str:
     files = sorted({p["path"] for plugins in frame.get("plugins", []) for p in plugins or [] if p.get("via") == "file"})
     parts += [f"--plugin {shlex.quote(path)}" for path in files]
     parts += [f"--dataset {dataset}", f"--profile {d.get('profile')}"]
-    overrides: list[str] = []
-    try:
-        profile = PROFILES.get(d.get("profile"))
-        if profile.model != d.get("model"):
-            parts.append(f"--model {d.get('model')}")
-        for section, default in (("train", dataclasses.asdict(profile.train_for(dataset))),
-                                 ("finetune", dataclasses.asdict(profile.finetune))):
-            for key, value in sorted((d.get(section) or {}).items()):
-                if json.dumps(default.get(key), default=str) != json.dumps(value, default=str):
-                    overrides.append(f"{section}.{key}={_cli_value(value)}")
-    except Exception:  # profile not registered here: show the model explicitly, recipes are in the setup table
+    profile = PROFILES.get(d.get("profile")) if d.get("profile") in PROFILES else None
+    if profile is None or profile.model != d.get("model"):
         parts.append(f"--model {d.get('model')}")
     parts.append("--attacks " + ",".join(sorted(frame["attack"].unique())))
     parts.append("--defenses " + ",".join(sorted(frame["defense"].unique())))
     seeds = sorted(frame["seed"].unique().tolist())
     if seeds != [0]:
         parts.append("--seeds " + ",".join(map(str, seeds)))
-    profile_name = d.get("profile")
-    for name in sorted(frame["attack"].unique()):
-        configs = list(frame.loc[frame["attack"] == name, "attack_config"])
-        default = default_config("attack", name, profile=profile_name)
-        overrides += _config_overrides(f"attack.{name}", [(c, default) for c in configs], varying_fields(configs))
-    for name in sorted(frame["defense"].unique()):
-        sub = frame[frame["defense"] == name]
-        pairs = [(c, default_config("defense", name, a, profile_name)) for c, a in zip(sub["defense_config"], sub["attack"])]
-        overrides += _config_overrides(f"defense.{name}", pairs, swept_fields(frame, name))
+    if all(isinstance(user_set, dict) for user_set in frame["user_set"]):
+        overrides = _user_overrides(frame)
+    else:  # a store written before the user's fields were recorded: the recipes and sweeps, at least
+        overrides = []
+        if profile is not None:
+            for section, default in (("train", dataclasses.asdict(profile.train_for(dataset))),
+                                     ("finetune", dataclasses.asdict(profile.finetune))):
+                for key, value in sorted((d.get(section) or {}).items()):
+                    if json.dumps(default.get(key), default=str) != json.dumps(value, default=str):
+                        overrides.append(f"{section}.{key}={_cli_value(value)}")
+        for kind in ("attack", "defense"):
+            for name in sorted(frame[kind].unique()):
+                sub = frame[frame[kind] == name]
+                swept = varying_fields(list(sub["attack_config"])) if kind == "attack" else swept_fields(frame, name)
+                overrides += _config_overrides(f"{kind}.{name}", list(sub[f"{kind}_config"]), swept)
     parts += [f"-o {o}" for o in overrides]
     return " ".join(parts)

@@ -1,36 +1,22 @@
-"""t-SNE of penultimate-layer features of clean vs triggered test samples, per attack:
-the undefended model beside NONE's (when the store holds a finished NONE cell).
+"""t-SNE of penultimate-layer features of clean vs triggered test samples, per attack: the
+undefended model beside the focus defense's (NONE by default, ``report --focus``).
 
-Models and data are rebuilt from the artifact directories the store points to. It stays
-cheap because it runs after every ``make bench``: a few hundred samples per model, PCA to
-50 dimensions first, a short optimisation, and a thread cap so it does not fight the
-machine's other work.
+The features are computed by the cells themselves (``features.safetensors``, written by
+bench/cell.py when the profile's ``eval.feature_samples`` is above 0): the report only embeds
+and draws them, and never rebuilds a model. It stays cheap because it runs after every
+``make bench``: PCA to 50 dimensions first, a short optimisation, one thread.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from bench.data.base import to_unit
-from bench.report.collect import ReportData, Setup, has_trigger
+from bench.report.collect import REFERENCE, ReportData, Setup, has_trigger
 from bench.report.figures import FigureFile, save, style
 
-NONE_DEFENSE = "none"
-
-
-@torch.no_grad()
-def _features(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 512) -> np.ndarray:
-    model.eval()
-    out = []
-    for start in range(0, len(x), batch_size):
-        batch = x[start:start + batch_size]
-        batch = to_unit(batch)
-        out.append(model.features(batch).flatten(1).float().cpu())
-    return torch.cat(out).numpy()
+FEATURES_FILE = "features.safetensors"
 
 
 def embed(features: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -49,89 +35,64 @@ def embed(features: np.ndarray, seed: int = 0) -> np.ndarray:
                     learning_rate="auto").fit_transform(reduced)
 
 
-def _stage_spec(stage: dict):
-    from bench.cell import StageSpec
+def _stored_features(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
 
-    names = {f.name for f in dataclasses.fields(StageSpec)}
-    return StageSpec(**{k: v for k, v in (stage.get("config") or {}).items() if k in names})
+    return load_file(str(path))
 
 
-def render(data: ReportData, setup: Setup, stem: Path, samples: int = 300, device: str = "auto"
-           ) -> tuple[FigureFile | None, list[str]]:
-    """One row per attack with a trigger: [undefended, NONE]. Returns the figure and notes on
-    anything skipped (fabricated cells without artifacts, stale plugin versions, ...)."""
-    from safetensors.torch import load_model
+def _pick(cells, defense: str):
+    """The finished cell of a defense to show: its primary (default) variant when there is one."""
+    chosen = cells[(cells["defense"] == defense) & (cells["status"] == "done")]
+    primary = chosen[chosen["primary"]]
+    chosen = primary if len(primary) else chosen
+    return chosen.iloc[0] if len(chosen) else None
 
-    from bench.cell import Workspace
-    from bench.device import resolve_device
-    from bench.engine import predict
-    from bench.models.base import build_model
 
+def render(data: ReportData, setup: Setup, stem: Path, focus: str = "none") -> tuple[FigureFile | None, list[str]]:
+    """One row per attack with a trigger, first seed: [undefended, focus defense], from the features
+    the cells stored. Returns the figure and notes on anything not shown, and why."""
     notes: list[str] = []
     frame = setup.cells
-    jobs = []
+    rows = []
     for attack in setup.attacks:
         if not has_trigger(frame, attack):
             continue
-        sub = frame[(frame["attack_label"] == attack) & (frame["stage_status"] == "done")]
-        if sub.empty:
-            notes.append(f"{attack}: the attack stage has not finished")
-            continue
+        sub = frame[frame["attack_label"] == attack]
         seed = int(sub["seed"].min())
         sub = sub[sub["seed"] == seed]
-        stage_id = sub.iloc[0]["stage_id"]
-        none_cells = sub[(sub["defense"] == NONE_DEFENSE) & (sub["status"] == "done")]
-        none_primary = none_cells[none_cells["primary"]]
-        none_cell = (none_primary if len(none_primary) else none_cells).head(1)
-        jobs.append((attack, seed, stage_id, none_cell.iloc[0] if len(none_cell) else None))
-    if not jobs:
-        return None, notes
-    ws = Workspace(data.artifacts_root, resolve_device(device))
-    rows = []
-    for attack, seed, stage_id, none_cell in jobs:
-        stage_dir = data.artifacts_root / stage_id
-        if not (stage_dir / "model.safetensors").is_file():
-            notes.append(f"{attack}: no model in {stage_dir} (artifacts deleted, or cells not produced by a run)")
-            continue
-        try:
-            spec = _stage_spec(data.stages[stage_id])
-            if spec.id != stage_id:
-                notes.append(f"{attack}: stage {stage_id} was produced by another version of the attack or core; "
-                             "its model is not rebuilt")
+        panels, labels, triggered, target = [], None, None, None
+        for defense in (REFERENCE, focus):
+            cell = _pick(sub, defense)
+            if cell is None:
+                notes.append(f"{attack}: no finished {defense} cell for seed {seed}")
                 continue
-            model, attack_obj, _ = ws.load_stage(spec)
-            info, _, _, test = ws.split(spec)
-            x_trig, y_true, y_target = ws.triggered(spec, attack_obj, test)
-        except Exception as exc:  # a report must not fail on one unreadable artifact: say so instead
-            notes.append(f"{attack}: could not rebuild the stage ({exc.__class__.__name__}: {exc})")
-            continue
-        generator = torch.Generator().manual_seed(seed)
-        clean_idx = torch.randperm(len(test), generator=generator)[:samples].to(test.x.device)
-        trig_idx = torch.randperm(len(x_trig), generator=generator)[:samples].to(x_trig.device)
-        x = torch.cat([test.x[clean_idx], x_trig[trig_idx]])
-        labels = torch.cat([test.y[clean_idx], y_true[trig_idx]]).cpu().numpy()
-        triggered = np.r_[np.zeros(len(clean_idx), bool), np.ones(len(trig_idx), bool)]
-        target = int(y_target[0]) if len(y_target) and bool((y_target == y_target[0]).all()) else None
-        models = [("undefended", model)]
-        if none_cell is None:
-            notes.append(f"{attack}: no finished NONE cell, only the undefended model is shown")
-        else:
-            path = data.artifacts_root / none_cell["id"] / "model.safetensors"
-            defended = model
-            if path.is_file():
-                defended = build_model(spec.model, info).to(ws.device)
-                load_model(defended, str(path), device=str(ws.device))
-            label = "NONE" if none_cell["defense_label"] == NONE_DEFENSE else none_cell["defense_label"]
-            models.append((label, defended.eval()))
-        panels = []
-        for label, net in models:
-            points = embed(_features(net, x), seed)
-            predicted = predict(net, x[len(clean_idx):]).cpu().numpy()
-            asr = float((predicted == y_target[trig_idx].cpu().numpy()).mean() * 100) if len(predicted) else None
-            panels.append((label, points, asr))
-        rows.append((attack, seed, panels, labels, triggered, target, info.num_classes))
+            path = data.artifacts_root / cell["id"] / FEATURES_FILE
+            if not path.is_file():
+                notes.append(f"{attack}: the {defense} cell {cell['id']} stored no features (it ran before cells stored "
+                             "them, or with eval.feature_samples=0)")
+                continue
+            try:
+                stored = _stored_features(path)
+            except Exception as exc:  # a damaged artifact: say so, the run recomputes it
+                notes.append(f"{attack}: {path} is unreadable ({exc.__class__.__name__}: {exc})")
+                continue
+            is_triggered = stored["triggered"].astype(bool)
+            if labels is not None and (len(stored["labels"]) != len(labels) or (stored["labels"] != labels).any()):
+                notes.append(f"{attack}: the {defense} cell's samples differ from the undefended cell's; not shown")
+                continue
+            labels, triggered = stored["labels"], is_triggered
+            targets = stored["targets"][is_triggered]
+            target = int(targets[0]) if len(targets) and (targets == targets[0]).all() else None
+            asr = float((stored["predicted"][is_triggered] == targets).mean() * 100) if len(targets) else None
+            label = "NONE" if cell["defense_label"] == "none" else cell["defense_label"]
+            panels.append((label, embed(stored["features"].astype(np.float32), seed), asr))
+        if panels:
+            num_classes = int(labels.max()) + 1
+            rows.append((attack, seed, panels, labels, triggered, target, num_classes))
     if not rows:
         return None, notes
+    samples = int((~rows[0][4]).sum())
     return _draw(rows, stem, samples), notes
 
 

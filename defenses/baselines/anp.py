@@ -214,8 +214,15 @@ class ANP(Defense):
                                zip(("min", "q10", "median", "q90", "max"),
                                    torch.quantile(flat.float(), torch.tensor([0, .1, .5, .9, 1.], device=flat.device)))},
         }
+        # Keyed by the masked layer itself (the BatchNorm, or the conv without BatchNorm): its output
+        # channel is what ANP silences. Pruning zeroes gamma (or the filter) and keeps beta (or the
+        # conv bias), as the reference does, so that channel becomes the constant beta rather than 0;
+        # the selection metrics zero it (bench/metrics/selection.py).
+        selection = {name: torch.nonzero(v < threshold).flatten().tolist() if threshold > 0 else []
+                     for name, v in zip(masks.names, values)}
         return DefenseResult(model=model, history=history, details=details,
-                             tensors={f"mask.{name}": v.cpu() for name, v in zip(masks.names, values)})
+                             tensors={f"mask.{name}": v.cpu() for name, v in zip(masks.names, values)},
+                             selection=selection)
 
     @staticmethod
     def _choose_threshold(model: nn.Module, masks: list[torch.Tensor], modules: list[nn.Module], reserve,

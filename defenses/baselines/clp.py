@@ -120,6 +120,11 @@ class CLP(Defense):
         if not pairs:
             raise BenchError("clp: the model has no convolution layers to score")
         layers = []
+        # Keyed by the module whose output channel the pruning silences: a paired BatchNorm with
+        # gamma and beta zeroed outputs exactly 0. An affine-free BN's channel is cut at its conv's
+        # filter, which leaves the BN output a constant while the conv output becomes 0 (its bias,
+        # if it has one): there the conv is the key, as for a conv without BatchNorm.
+        selection: dict[str, list[int]] = {}
         total = pruned_total = 0
         with torch.no_grad():
             for conv_name, conv, bn, bn_name in pairs:
@@ -138,6 +143,9 @@ class CLP(Defense):
                         conv.weight[prune] = 0
                         if conv.bias is not None:
                             conv.bias[prune] = 0
+                key = bn_name if bn is not None and bn.weight is not None else conv_name
+                # One conv feeding two affine-free BNs is one key: the union of both prunings.
+                selection[key] = sorted(set(selection.get(key, [])) | set(prune.tolist()))
                 total += len(bounds)
                 pruned_total += len(prune)
                 layers.append({"conv": conv_name, "bn": bn_name, "channels": len(bounds),
@@ -147,4 +155,5 @@ class CLP(Defense):
                                "uclc_max": round(float(bounds.max()), 4)})
         ctx.log(f"pruned {pruned_total} of {total} channels (u={cfg.u:g})")
         return DefenseResult(model=model, details={"u": cfg.u, "pruned_channels": pruned_total,
-                                                   "scored_channels": total, "layers": layers})
+                                                   "scored_channels": total, "layers": layers},
+                             selection=selection)

@@ -151,5 +151,12 @@ class FinePruning(Defense):
             "finetune_epochs": recipe.epochs,
             "finetune_lr": recipe.lr,
         }
+        # Zeroing classifier column c is zeroing feature c, and the features are the output of
+        # ``body`` (ImageClassifier.features, bench/models/base.py), whose only consumer is the
+        # classifier: so the cut channels are body's output channels, before fine-tuning.
+        # A model with ``features`` but no ``body`` declares nothing rather than a guessed module.
+        has_body = isinstance(getattr(model, "body", None), nn.Module)
+        selection = {"body": sorted(pruned_channels.tolist())} if has_body else None
         return DefenseResult(model=model, history=history, details=details,
-                             tensors={"channel_activation": activation.cpu(), "channel_mask": mask.cpu()})
+                             tensors={"channel_activation": activation.cpu(), "channel_mask": mask.cpu()},
+                             selection=selection)

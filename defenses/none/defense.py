@@ -11,14 +11,20 @@ from typing import Literal
 import torch
 
 from bench import engine
-from bench.config import require
+from bench.config import FieldError, require
 from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
 from bench.errors import BenchError
 from bench.registry import register_defense
 
 from . import diagnostics
-from .graph import analyse_model, reset_channels
-from .scoring import channel_scores, collect, jenks_split, sample_scores, select_channels
+from .graph import SITES, Site, analyse_model, read_sites, reset_channels
+from .scoring import (
+    channel_scores,
+    collect,
+    jenks_split,
+    sample_scores,
+    select_channels,
+)
 
 # The authors' two settings: injected backdoors (one round, 3% of each layer reset) and
 # natural ones (ten rounds, 20%, and no samples dropped since there is no poison to drop).
@@ -51,11 +57,17 @@ class NoneConfig(DefenseConfig):
     include_linear: bool = False
     skip_first_conv: bool = True
     analysis_batch_size: int = 512
+    # Where each analysed layer's channels are read (maximum over space): "conv" the layer's own
+    # output, as the authors' artifact reads it; "bn" the BatchNorm that directly follows it;
+    # "act" the activation after that. A layer without that site is read at the nearest earlier one.
+    site: Site = "conv"
 
     def __post_init__(self) -> None:
         # finetune_epochs=0 is documented: the reset alone, with no fine-tuning.
         require(self, lambda_low="[0, 1]", lambda_high="[0, 1]", max_reset_fraction="(0, 1]", rounds=">= 1",
                 finetune_epochs=">= 0", finetune_lr="> 0", detect_channels_per_layer=">= 1", analysis_batch_size=">= 1")
+        if self.site not in SITES:
+            raise FieldError("site", self.site, f"one of {', '.join(SITES)}")
         if not self.lambda_low < self.lambda_high:
             raise ValueError(f"need lambda_low < lambda_high, got {self.lambda_low}, {self.lambda_high}")
 
@@ -102,6 +114,11 @@ class NONE(Defense):
             ctx.log(f"fx tracing failed ({graph.fallback_reason}); using forward hooks: no consumer slices reset")
         links = {layer.name: layer for layer in graph.layers}
         channels = {layer.name: layer.channels for layer in graph.layers}
+        sites = read_sites(graph, cfg.site)
+        fallbacks = {name: site.fallback for name, site in sites.items() if site.fallback}
+        if fallbacks:
+            ctx.log(f"site={cfg.site}: {len(fallbacks)} of {len(sites)} layers read at an earlier site "
+                    f"({', '.join(f'{name}: {sites[name].site}' for name in fallbacks)}); reasons in details['site']")
         finetune_epochs = settings["finetune_epochs"]  # 0: the reset alone (no recipe trains 0 epochs)
         recipe = ctx.finetune_recipe(epochs=finetune_epochs or None, lr=cfg.finetune_lr, freeze_bn=True,
                                      optimizer=ctx.train_config.optimizer)
@@ -111,10 +128,11 @@ class NONE(Defense):
         tensors: dict[str, torch.Tensor] = {}
         history: list[dict] = []
         last_flagged = torch.empty(0, dtype=torch.long)
+        reset: dict[str, set[int]] = {name: set() for name in links}
         for round_index in range(1, settings["rounds"] + 1):
             record: dict = {"round": round_index}
             started = _now(ctx.device)
-            stats = collect(model, ctx.train, channels, cfg.analysis_batch_size)
+            stats = collect(model, ctx.train, channels, cfg.analysis_batch_size, sites)
             scores = {name: channel_scores(acts.to(ctx.device), stats.probs, cfg.lambda_low, cfg.lambda_high)
                       for name, acts in stats.acts.items()}
             selected = {name: select_channels(s, settings["max_reset_fraction"]) for name, s in scores.items()}
@@ -129,6 +147,7 @@ class NONE(Defense):
             started = _now(ctx.device)
             for name, chosen in selected.items():
                 reset_channels(model, links[name], chosen)
+                reset[name].update(chosen.tolist())
             record["reset_s"] = round(_now(ctx.device) - started, 3)
             record["selected"] = [{"layer": name, "channel": int(c), "score": round(float(scores[name][c]), 5)}
                                   for name, chosen in selected.items() for c in chosen.tolist()]
@@ -165,7 +184,9 @@ class NONE(Defense):
         details = {
             "settings": {**settings, "finetune_lr": cfg.finetune_lr, "preset": cfg.preset,
                          "accumulate_flagged": cfg.accumulate_flagged, "optimizer": recipe.optimizer,
-                         "schedule": recipe.schedule, "batch_size": recipe.batch_size},
+                         "schedule": recipe.schedule, "batch_size": recipe.batch_size, "site": cfg.site},
+            "site": {"requested": cfg.site, "read": {name: site.site for name, site in sites.items()},
+                     "fallbacks": fallbacks},
             "graph": graph.to_json(),
             "rounds": rounds,
             "after_reset": rounds[0].get("after_reset"),
@@ -177,7 +198,11 @@ class NONE(Defense):
             diagnostics.render(ctx.artifact_dir, tensors, details)
         except Exception as exc:  # a figure must never fail the cell whose numbers it illustrates
             ctx.log(f"diagnostics figure not written: {type(exc).__name__}: {exc}")
-        return DefenseResult(model=model, flagged=flagged, history=history, details=details, tensors=tensors)
+        # The reset zeroes gamma and beta of a linked BatchNorm, so that module's output channel is
+        # what goes silent; without one, the layer's own output channel is.
+        selection = {links[name].bn or name: sorted(indices) for name, indices in reset.items()}
+        return DefenseResult(model=model, flagged=flagged, history=history, details=details, tensors=tensors,
+                             selection=selection)
 
 
 def _now(device: torch.device) -> float:

@@ -34,7 +34,9 @@ def render(artifact_dir: str | Path, tensors: dict[str, torch.Tensor], details: 
     shown = [rounds[0]] if len(rounds) == 1 else [rounds[0], rounds[-1]]
     layers = [layer["name"] for layer in details["graph"]["layers"]]
     offsets = tensors["layer_offsets"].tolist()
-    from matplotlib.figure import Figure  # no pyplot: no global backend state, safe in workers
+    from matplotlib.figure import (
+        Figure,  # no pyplot: no global backend state, safe in workers
+    )
 
     figure = Figure(figsize=(13, 4.2 * len(shown)), layout="constrained")
     axes = figure.subplots(len(shown), 2, squeeze=False)

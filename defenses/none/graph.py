@@ -22,17 +22,27 @@ BatchNorm+activation) are kept as leaf modules so they appear as single graph no
   (a) and (b) are reset, and the reason is recorded.
 * A module called more than once per forward pass (weight sharing) is never analysed,
   linked or used as a consumer: its channel index does not denote one tensor.
+* The activation (``act``) is linked when the only user of the BatchNorm's output (of the
+  layer's own output when no BatchNorm is linked) is an elementwise activation, a module
+  (``nn.ReLU``, ``nn.GELU``, ...), a function (``F.relu``, ``torch.relu``, ...) or a tensor
+  method (``x.relu()``), taking it as its only tensor input. It is never reset; NONE can
+  read its output instead of the layer's (``defense.none.site=act``, see ``read_sites``).
 
 Fallback, for models fx cannot trace (data-dependent control flow): forward hooks on one
 real batch. Tensor identities link a layer to a BatchNorm whose input is exactly that
 layer's output tensor and which is the only module receiving it. Functional operations
 (``x + shortcut``, ``torch.cat``) are invisible to hooks, so no consumer can be shown to
-be unambiguous: in this mode no consumer slice is ever zeroed (documented in the result).
+be unambiguous: in this mode no consumer slice is ever zeroed (documented in the result),
+and for the same reason no activation is linked.
 """
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass, field
+import functools
+import inspect
+import operator
+from dataclasses import dataclass, field, fields
+from typing import Callable, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -42,19 +52,25 @@ from torch.fx.passes.shape_prop import ShapeProp
 ANALYSABLE = (nn.Conv2d, nn.Linear)
 BATCHNORM = nn.modules.batchnorm._BatchNorm
 
-# Modules that map channel j of their only tensor input to channel j of their output.
-_CHANNELWISE_MODULES = (
+# Elementwise activations: NONE's ``act`` site, and channel-wise on the way to a consumer.
+_ACTIVATION_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Identity,
-    nn.Dropout, nn.Dropout2d, nn.AlphaDropout,
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
 )
-_CHANNELWISE_FUNCTIONS = {
+_ACTIVATION_FUNCTIONS = {
     F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish,
     F.hardswish, F.hardsigmoid, F.hardtanh, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.softplus,
+}
+_ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
+# Modules that map channel j of their only tensor input to channel j of their output.
+_EVAL_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
+_CHANNELWISE_MODULES = _ACTIVATION_MODULES + _EVAL_IDENTITIES + (
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+)
+_CHANNELWISE_FUNCTIONS = _ACTIVATION_FUNCTIONS | {
     F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
 }
-_CHANNELWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone"}
+_CHANNELWISE_METHODS = _ACTIVATION_METHODS | {"contiguous", "clone"}
 # Reshapes keep the channel index only when every non-channel dimension is 1.
 _RESHAPE_MODULES = (nn.Flatten,)
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze}
@@ -63,17 +79,22 @@ _RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze"}
 
 @dataclass
 class LayerLink:
-    """One analysed layer and what its channel reset touches (module names)."""
+    """One analysed layer and what its channel reset touches (module names), plus the
+    activation that follows it (read by NONE's ``act`` site, never reset)."""
 
     name: str
     kind: str                   # "Conv2d" | "Linear"
     channels: int
     bn: str | None = None
     consumer: str | None = None
-    note: str = ""              # why bn/consumer are absent, when they are
+    note: str = ""              # why bn/act/consumer are absent, when they are
+    act: str | None = None      # the activation's module name, or the function / method it calls
+    # The activation as a callable on the tensor it receives (a module, or the function with
+    # its other arguments bound), on a copy when it is in place; runtime only, not in the JSON.
+    act_fn: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "act_fn"}
 
 
 @dataclass
@@ -178,9 +199,10 @@ def _analyse_fx(model, example, patterns, include_linear, skip_first_conv) -> Mo
             source = users[0]
         elif any(_is_module(u, modules, BATCHNORM) for u in users):
             bn_reason = "the output feeds a BatchNorm and other operations; "
+        link.act, link.act_fn, act_reason = _find_activation(source, modules)
         consumer, reason = _find_consumer(source, modules, calls, _channels(module))
         link.consumer = consumer
-        link.note = (bn_reason + (reason or "")).strip("; ")
+        link.note = "; ".join(part for part in (bn_reason.strip("; "), act_reason, reason) if part)
         layers.append(link)
     return ModelGraph(layers, "fx", excluded=excluded)
 
@@ -237,6 +259,54 @@ def _keeps_channel_reshape(node: fx.Node, user: fx.Node, reduce_ok: bool = False
     if reduce_ok:
         return all(d == 1 for d in after[2:])
     return all(d == 1 for d in before[2:]) and all(d == 1 for d in after[2:])
+
+
+def _find_activation(source: fx.Node, modules: dict[str, nn.Module]) -> tuple[str | None, Callable | None, str | None]:
+    """The elementwise activation applied to ``source`` and nothing else, possibly after
+    identities (timm's blocks put an ``nn.Identity`` drop-block between BatchNorm and activation;
+    dropout is one in eval mode, where NONE reads): (its name, it as a callable on ``source``'s
+    output, None), or (None, None, why there is none)."""
+    node = source
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            return None, None, f"no activation: {_describe(node)} has {len(users)} users"
+        user = users[0]
+        rest = (*user.args[1:], *user.kwargs.values())
+        if _other_tensor_inputs(user, node) or any(isinstance(a, fx.Node) for a in rest):
+            return None, None, f"no activation: {_describe(node)} feeds {_describe(user)}"
+        if not _is_module(user, modules, _EVAL_IDENTITIES):
+            break
+        node = user
+    if user.op == "call_module" and isinstance(modules.get(user.target), _ACTIVATION_MODULES):
+        # A shared activation module (torchvision's ResNet reuses one ReLU) is still one function.
+        module = modules[user.target]
+        return user.target, _out_of_place(module, bool(getattr(module, "inplace", False))), None
+    if user.op == "call_function" and user.target in _ACTIVATION_FUNCTIONS:
+        name = f"{getattr(user.target, '__module__', None) or 'torch'}.{user.target.__name__}"
+        call = functools.partial(user.target, *user.args[1:], **user.kwargs)
+        return name, _out_of_place(call, _in_place_call(user)), None
+    if user.op == "call_method" and user.target in _ACTIVATION_METHODS:
+        call = operator.methodcaller(user.target, *user.args[1:], **user.kwargs)
+        return f"Tensor.{user.target}", _out_of_place(call, user.target.endswith("_")), None
+    return None, None, f"no activation: {_describe(node)} feeds {_describe(user)}"
+
+
+def _in_place_call(node: fx.Node) -> bool:
+    """Whether a call_function node overwrites its input (``relu_``, or ``inplace=True`` by keyword or position)."""
+    if node.target.__name__.endswith("_"):
+        return True
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):  # torch's builtins have no Python signature and no inplace argument
+        return False
+    return bool(bound.arguments.get("inplace", False))
+
+
+def _out_of_place(call: Callable, in_place: bool) -> Callable:
+    """``call`` on a copy when it would overwrite its input: NONE applies it to a tensor the
+    network still uses, so the copy costs memory only where the activation is in place."""
+    return (lambda tensor: call(tensor.clone())) if in_place else call
 
 
 def _find_consumer(source: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int],
@@ -306,13 +376,59 @@ def _analyse_hooks(model, example, patterns, include_linear, skip_first_conv, re
     for name in chosen:
         module = modules[name]
         link = LayerLink(name, "Conv2d" if isinstance(module, nn.Conv2d) else "Linear", _channels(module),
-                         note="hook fallback: consumers cannot be shown unambiguous without a graph")
+                         note="hook fallback: consumers and activations cannot be shown unambiguous without a graph")
         output_id = next(out for n, _, out in events if n == name)
         receivers = [n for n, inp, _ in events if inp == output_id]
         if len(receivers) == 1 and isinstance(modules[receivers[0]], BATCHNORM) and calls[receivers[0]] == 1:
             link.bn = receivers[0]
         layers.append(link)
     return ModelGraph(layers, "hooks", fallback_reason=reason, excluded=excluded)
+
+
+# --- where NONE reads a layer ---------------------------------------------------------------
+Site = Literal["conv", "bn", "act"]
+SITES: tuple[str, ...] = get_args(Site)
+
+
+@dataclass(frozen=True)
+class ReadSite:
+    """Where NONE reads one analysed layer's channels: the forward output of ``module``, passed
+    through ``transform`` (the linked activation, which never overwrites its input) when there is one."""
+
+    site: str                   # the site read: "conv" (the layer's own output), "bn" or "act"
+    module: str
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    fallback: str | None = None  # why the requested site was not available, when it was not
+
+
+def read_sites(graph: ModelGraph, site: Site) -> dict[str, ReadSite]:
+    """Each analysed layer's read site: ``site`` where the graph links it, else the nearest
+    earlier one (act -> bn -> conv), with the reason. ``act`` is read by applying the linked
+    activation to the BatchNorm's (or the layer's) output: an activation module may be shared
+    or called in place, and a functional one has no module to hook."""
+    if site not in SITES:
+        raise ValueError(f"site={site!r}: must be one of {', '.join(SITES)}")
+    sites: dict[str, ReadSite] = {}
+    for link in graph.layers:
+        if site == "act" and link.act_fn is not None:
+            sites[link.name] = ReadSite("act", link.bn or link.name, link.act_fn)
+        elif site != "conv" and link.bn is not None:
+            fallback = None if site == "bn" else f"act -> bn: {_no_activation(graph, link.bn)}"
+            sites[link.name] = ReadSite("bn", link.bn, fallback=fallback)
+        elif site == "conv":
+            sites[link.name] = ReadSite("conv", link.name)
+        else:
+            reasons = [f"no BatchNorm directly follows {link.name}"]
+            if site == "act":
+                reasons.append(_no_activation(graph, link.name))
+            sites[link.name] = ReadSite("conv", link.name, fallback=f"{site} -> conv: {'; '.join(reasons)}")
+    return sites
+
+
+def _no_activation(graph: ModelGraph, source: str) -> str:
+    if graph.method != "fx":
+        return "the forward-hook analysis cannot see activations"
+    return f"no activation directly follows {source}"
 
 
 # --- the reset ------------------------------------------------------------------------------

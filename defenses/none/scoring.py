@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -11,6 +12,9 @@ from torch import nn
 
 from bench.data.base import ImageSet
 from bench.device import free_memory, memory_format
+
+if TYPE_CHECKING:
+    from .graph import ReadSite
 
 
 @dataclass
@@ -28,10 +32,14 @@ def storage_for(total_values: int, device: torch.device) -> tuple[torch.device, 
 
 
 @torch.no_grad()
-def collect(model: nn.Module, data: ImageSet, layers: dict[str, int], batch_size: int) -> Activations:
+def collect(model: nn.Module, data: ImageSet, layers: dict[str, int], batch_size: int,
+            sites: dict[str, ReadSite] | None = None) -> Activations:
     """Softmax outputs and, for every layer in ``layers`` (name -> channels), each channel's
     maximum over spatial positions (tokens for a linear layer on sequences), for every
-    sample of ``data`` in its fixed order, without augmentation, in eval mode, in float32."""
+    sample of ``data`` in its fixed order, without augmentation, in eval mode, in float32.
+
+    ``sites`` (layer -> ``graph.ReadSite``, from ``graph.read_sites``) says where each layer is
+    read: its own output (the default), its BatchNorm's, or that passed through its activation."""
     device = next(model.parameters()).device
     modules = dict(model.named_modules())
     n = len(data)
@@ -39,8 +47,10 @@ def collect(model: nn.Module, data: ImageSet, layers: dict[str, int], batch_size
     acts = {name: torch.empty(n, c, device=store_device, dtype=store_dtype) for name, c in layers.items()}
     window = {"start": 0, "stop": 0}
 
-    def hook(name):
+    def hook(name, transform):
         def record(module, inputs, output):
+            if transform is not None:  # never in place (graph.ReadSite): the network still uses output
+                output = transform(output)
             if output.dim() == 4:
                 reduced = output.amax(dim=(2, 3))
             elif output.dim() == 3:  # linear layer over tokens (N, T, C)
@@ -50,7 +60,11 @@ def collect(model: nn.Module, data: ImageSet, layers: dict[str, int], batch_size
             acts[name][window["start"]:window["stop"]].copy_(reduced.float(), non_blocking=True)
         return record
 
-    handles = [modules[name].register_forward_hook(hook(name)) for name in layers]
+    handles = []
+    for name in layers:
+        site = sites[name] if sites is not None else None
+        module = modules[site.module] if site is not None else modules[name]
+        handles.append(module.register_forward_hook(hook(name, site.transform if site is not None else None)))
     was_training = model.training
     model.eval()
     probs = None

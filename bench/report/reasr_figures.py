@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 
 class Triggers(Protocol):
-    """What the trigger grid needs: a ``bench.scan.ScanResult`` or ``StoredTriggers``."""
+    """What the trigger grid needs: a ``bench.metrics.reasr.ScanResult`` or ``StoredTriggers``."""
 
     bounds: tuple[float, ...]
     masks: torch.Tensor       # (bounds, 1, H, W)

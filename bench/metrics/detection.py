@@ -1,0 +1,24 @@
+"""Detection quality of a defense that flags training samples, against the stage's ground truth
+(which the defense never sees). Percentages with two decimals."""
+from __future__ import annotations
+
+import torch
+
+from bench.metrics.accuracy import percent
+
+
+def detection_metrics(flagged: torch.Tensor, poisoned: torch.Tensor, num_samples: int) -> dict[str, float]:
+    """Precision, recall (TPR) and FPR of a flagged set of training indices, in percent."""
+    truth = torch.zeros(num_samples, dtype=torch.int64)
+    truth[poisoned.cpu().long()] = 1
+    guess = torch.zeros(num_samples, dtype=torch.int64)
+    guess[flagged.cpu().long()] = 1
+    from sklearn.metrics import confusion_matrix
+
+    (tn, fp), (fn, tp) = confusion_matrix(truth.numpy(), guess.numpy(), labels=[0, 1])
+    return {
+        "det_precision": percent(tp / (tp + fp)) if tp + fp else 0.0,
+        "det_recall": percent(tp / (tp + fn)) if tp + fn else 0.0,
+        "det_fpr": percent(fp / (fp + tn)) if fp + tn else 0.0,
+        "det_flagged": int(tp + fp),
+    }

@@ -1,0 +1,95 @@
+"""Per-process state of a runner: the artifacts root, the device, and caches of device-resident
+data and triggered test sets (so the many cells of one stage reuse them), plus what a result
+records about the machine it ran on."""
+from __future__ import annotations
+
+import platform
+import resource
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, load_model
+
+import bench
+from bench.artifacts import CorruptArtifact, verify
+from bench.attack import Attack
+from bench.config import build_config
+from bench.data.base import DatasetInfo, ImageSet, load_dataset
+from bench.data.splits import make_splits
+from bench.device import memory_format
+from bench.models.base import build_model
+from bench.registry import ATTACKS
+from bench.spec import StageSpec
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    import torchvision
+
+    from bench.device import describe
+
+    return {"bench": bench.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "device": describe(device), "host": platform.node()}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+class Workspace:
+    """Per-process state: the artifacts root, the device, and caches of device-resident data
+    and triggered test sets (so many defenses of one stage reuse them)."""
+
+    def __init__(self, artifacts_root: Path, device: torch.device) -> None:
+        self.root = Path(artifacts_root)
+        self.device = device
+        self._datasets: dict[str, tuple[DatasetInfo, ImageSet, ImageSet]] = {}
+        self._triggered: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def dataset(self, name: str) -> tuple[DatasetInfo, ImageSet, ImageSet]:
+        if name not in self._datasets:
+            info, train, test = load_dataset(name)
+            self._datasets[name] = (info, train.to(self.device), test.to(self.device))
+        return self._datasets[name]
+
+    def split(self, spec: StageSpec) -> tuple[DatasetInfo, ImageSet, ImageSet, ImageSet]:
+        """(info, reserve, train, test) for the stage's seed."""
+        info, full, test = self.dataset(spec.dataset)
+        splits = make_splits(full.y, spec.seed)
+        return info, full.subset(splits.reserve), full.subset(splits.train), test
+
+    def attack(self, spec: StageSpec) -> Attack:
+        info = self.dataset(spec.dataset)[0]
+        cls = ATTACKS.get(spec.attack)
+        return cls(build_config(cls.Config, spec.attack_config), info, spec.seed)
+
+    def triggered(self, spec: StageSpec, attack: Attack, test: ImageSet):
+        if spec.id not in self._triggered:
+            self._triggered.clear()  # one stage at a time is enough and bounds memory
+            self._triggered[spec.id] = attack.triggered_test_set(test)
+        return self._triggered[spec.id]
+
+    def forget_triggered(self, spec: StageSpec) -> None:
+        self._triggered.pop(spec.id, None)
+
+    def stage_dir(self, spec: StageSpec) -> Path:
+        return self.root / spec.id
+
+    def load_stage(self, spec: StageSpec) -> tuple[torch.nn.Module, Attack, dict]:
+        """The finished stage's undefended model and the attack with its learned state, from
+        verified artifacts (CorruptArtifact when they are damaged or missing)."""
+        directory = self.stage_dir(spec)
+        result = verify(directory)
+        info = self.dataset(spec.dataset)[0]
+        model = build_model(spec.model, info).to(self.device)
+        attack = self.attack(spec)
+        try:
+            load_model(model, str(directory / "model.safetensors"), device=str(self.device))
+            model.to(memory_format=memory_format(self.device))  # the layout it was trained and evaluated in
+            state_file = directory / "attack_state.safetensors"
+            if state_file.is_file():
+                attack.load_state_dict({k: v.to(self.device) for k, v in load_file(str(state_file)).items()})
+        except Exception as exc:
+            raise CorruptArtifact(directory, f"the checkpoint does not load ({exc.__class__.__name__}: {exc})") from None
+        return model.eval(), attack, result
