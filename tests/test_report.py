@@ -471,3 +471,15 @@ def test_one_seed_says_it_cannot_rank():
 
     text = "\n".join(ranking_section(_ranking_setup({"a": [0.9], "b": [0.5]})))
     assert "One seed cannot rank these defenses" in text and "| 1–2 | a |" in text and "| 1–2 | b |" in text
+
+
+def test_reproduce_gives_one_command_per_set_of_user_fields(fabricated):
+    """The default grid and the sweep run apart are two commands, not one that would multiply them."""
+    _, report, _ = fabricated
+    readme = (report / "README.md").read_text()
+    block = readme.split("Reproduce (", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = block.strip().splitlines()
+    assert len(commands) == 2, commands
+    defaults, sweep = commands
+    assert "-o " not in defaults and "--defenses fine-pruning,none,undefended" in defaults
+    assert sweep.endswith("--defenses none --seeds 0,1 -o defense.none.max_reset_fraction=0.1"), sweep

@@ -107,8 +107,8 @@ def load_recorded_plugins(cells: list[dict]) -> list[str]:
             continue
         path = Path(key)
         if not path.is_file():
-            note = (f"{label}: `{path}` is missing here, so its defaults and anything that needs its code (the t-SNE "
-                    "of its models, its default-setting labels) are left out, and Reproduce needs the file back")
+            note = (f"{label}: `{path}` is missing here, so anything that needs its code (a defense's own report "
+                    "figures) is left out, and Reproduce needs the file back")
             progress.log(f"[yellow]report: plugin file {path} is missing[/yellow]")
         else:
             current = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -161,9 +161,9 @@ def _section(data: ReportData, setup: Setup, figure_dir: Path, prefix: str, pale
     sub = level + "#"
     notes: list[str] = []
     lines = [f"{level} Setup", "", tables.setup_table(setup, data.dataset), "",
-             "Reproduce (a command rebuilt from the stored configurations: overrides for every setting that "
-             "differs from the defaults):", "", "```bash",
-             tables.reproduce_command(setup, data.dataset), "```", ""]
+             "Reproduce (rebuilt from the store: the options each cell was run with; one command per set of "
+             "options the user set):", "", "```bash",
+             *tables.reproduce_commands(setup, data.dataset), "```", ""]
     lines += [f"{level} Results", "",
               "Each entry: **C-ACC / ASR / RA · DER** — clean accuracy, attack success rate and robust accuracy in %, "
               "DER in [0, 1] (0.5: no change; higher is better). Mean ± sample std over seeds when there are several. "

@@ -38,16 +38,17 @@ EXPLANATION = (
 
 
 def _selecting(setup: Setup) -> list[str]:
-    frame = setup.primary()
-    return [d for d in setup.defenses if d in set(frame["defense_label"])
-            and frame.loc[frame["defense_label"] == d, "sel_asr"].notna().any()]
+    """Every variant (a sweep's too: the site or reset fraction is what a study varies) that stored
+    selection metrics."""
+    frame = setup.cells
+    return [d for d in setup.defenses if frame.loc[frame["defense_label"] == d, "sel_asr"].notna().any()]
 
 
 def table(setup: Setup) -> str | None:
     defenses = _selecting(setup)
     if not defenses:
         return None
-    frame = setup.primary()
+    frame = setup.cells
     stats = aggregate(frame, ["defense_label", "attack_label"], SELECTION_METRICS + ("asr", "undef_asr"))
     rows = []
     for defense in defenses:
@@ -62,7 +63,7 @@ def table(setup: Setup) -> str | None:
                          fmt_stat(record, "asr")])
     if not rows:
         return None
-    return markdown_table(["defense", "attack", "undefended ASR", "selection ASR", "oracle ASR", "recall %", "units",
+    return markdown_table(["defense", "attack", "undefended ASR", "selection ASR", "oracle ASR", "recall %", "units (first seed)",
                            "ASR after the defense"], rows, ["l", "l"] + ["r"] * 6)
 
 
@@ -78,14 +79,33 @@ def _units(frame, defense: str, attack: str) -> str:
     return DASH
 
 
+def _variant_fields(defense: str, labels) -> tuple[list[str], dict[str, list[str]]]:
+    """The swept fields in a defense's variant labels (``none (a=1, b=2)``) and each label's values."""
+    parsed = {label: dict(part.strip().split("=", 1) for part in label[len(defense):].strip(" ()").split(",")
+                          if "=" in part) for label in labels}
+    fields = sorted({key for values in parsed.values() for key in values})
+    return fields, {label: [values.get(key, "?") for key in fields] for label, values in parsed.items()}
+
+
+def _point_labels(defense: str, group) -> dict[tuple[float, float], str]:
+    """One label per drawn position: the attack and, for a sweep, the variant's values (in the
+    field order the caption gives), one line per variant where points coincide."""
+    _, values = _variant_fields(defense, group["defense_label"].unique())
+    labels: dict[tuple[float, float], list[str]] = {}
+    for _, row in group.iterrows():
+        own = values[row["defense_label"]]
+        text = row["attack_label"] + (f" {'/'.join(own)}" if own else "")
+        labels.setdefault((round(row["oracle_asr"], 1), round(row["sel_asr"], 1)), []).append(text)
+    return {position: "\n".join(texts) for position, texts in labels.items()}
+
+
 def figure(setup: Setup, palette: dict[str, str], stem: Path) -> FigureFile | None:
     """Selection ASR against oracle ASR, one point per (defense, attack): on the diagonal the
     defense picked as well as the oracle; above it, worse."""
     defenses = _selecting(setup)
     if not defenses:
         return None
-    frame = setup.primary()
-    stats = aggregate(frame, ["defense", "defense_label", "attack_label"], SELECTION_METRICS)
+    stats = aggregate(setup.cells, ["defense", "defense_label", "attack_label"], SELECTION_METRICS)
     stats = stats[stats["sel_asr"].notna() & stats["oracle_asr"].notna()]
     if stats.empty:
         return None
@@ -99,9 +119,9 @@ def figure(setup: Setup, palette: dict[str, str], stem: Path) -> FigureFile | No
         for defense, group in stats.groupby("defense", sort=True):
             ax.scatter(group["oracle_asr"], group["sel_asr"], s=60, marker=markers.get(defense, "o"),
                        color=palette.get(defense, "#000000"), edgecolor="white", label=defense, zorder=3)
-            for _, row in group.iterrows():
-                ax.annotate(row["attack_label"], (row["oracle_asr"], row["sel_asr"]), xytext=(4, 3),
-                            textcoords="offset points", fontsize=7, color="#333333")
+            for (x, y), text in _point_labels(defense, group).items():
+                ax.annotate(text, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=6, color="#333333",
+                            va="top" if "\n" in text else "bottom")
         ax.set_xlim(-4, 104)
         ax.set_ylim(-4, 104)
         ax.set_xlabel("oracle ASR (%): as many units, chosen by their own effect")
@@ -111,7 +131,10 @@ def figure(setup: Setup, palette: dict[str, str], stem: Path) -> FigureFile | No
         ax.set_title("Did the defense hit the backdoor's units?", fontweight="bold")
         fig.tight_layout()
         means = np.round(stats["sel_recall"].dropna().mean(), 1) if stats["sel_recall"].notna().any() else None
-        caption = ("each point a (defense, attack), mean over seeds, undefended model, before fine-tuning; above the "
+        sweeps = [f"{defense}: {'/'.join(fields)}" for defense, group in stats.groupby("defense", sort=True)
+                  if (fields := _variant_fields(defense, group["defense_label"].unique())[0])]
+        caption = ("each point a (defense variant, attack), mean over seeds, undefended model, before fine-tuning; above the "
                    "diagonal the defense's choice removes less of the backdoor than the oracle's"
+                   + (f"; labels give a sweep's values in the order {'; '.join(sweeps)}" if sweeps else "")
                    + (f"; mean recall of the oracle's units {means}%" if means is not None else ""))
         return save(fig, stem, "Selection vs oracle ASR", caption)

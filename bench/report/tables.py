@@ -252,12 +252,29 @@ def _user_overrides(frame: pd.DataFrame) -> list[str]:
     return [f"{option}={','.join(vals)}" for option, vals in sorted(values.items())]
 
 
-def reproduce_command(setup: Setup, dataset: str) -> str:
-    """An equivalent ``python -m bench run`` command, rebuilt from the store: the plugin files,
-    the setup, and the ``-o`` options each cell recorded as set by its user."""
+def reproduce_commands(setup: Setup, dataset: str) -> list[str]:
+    """``python -m bench run`` commands that re-create the setup's cells, rebuilt from the store.
+
+    Cells that were run with the same *fields* set (whatever their values: a sweep) share one
+    command; cells run with other fields set get their own (e.g. a grid at the defaults and a
+    sweep of one defense run afterwards), so no command multiplies sweeps that were run apart."""
+    frame = setup.cells
+    if not all(isinstance(user_set, dict) for user_set in frame["user_set"]):
+        return [reproduce_command(setup, dataset)]  # a store from before the user's fields were recorded
+    groups: dict[str, list] = {}
+    for index, user_set in frame["user_set"].items():
+        shape = {section: sorted(values) if section in ("attack", "defense") else values
+                 for section, values in user_set.items() if values}
+        groups.setdefault(json.dumps(shape, sort_keys=True, default=str), []).append(index)
+    return [reproduce_command(setup, dataset, frame.loc[indices]) for indices in groups.values()]
+
+
+def reproduce_command(setup: Setup, dataset: str, frame: pd.DataFrame | None = None) -> str:
+    """One ``python -m bench run`` command for ``frame`` (default: the setup's cells): the plugin
+    files, the setup, and the ``-o`` options each cell recorded as set by its user."""
     from bench.registry import PROFILES
 
-    frame = setup.cells
+    frame = setup.cells if frame is None else frame
     d = setup.description
     parts = ["python -m bench run"]
     # The --plugin files the cells used, at the paths they were loaded from (their code is part of the ids).

@@ -178,7 +178,8 @@ class NONE(Defense):
             tensors[f"{prefix}.sample_scores"] = per_sample.float().cpu()
             tensors[f"{prefix}.flagged"] = split.flagged.clone()
             ctx.log(f"round {round_index}: reset {len(record['selected'])} channels, flagged {record['flagged']} "
-                    f"of {n} samples (break {split.jenks_break}), fine-tuned on {len(keep)}")
+                    f"of {n} samples (break {split.jenks_break}), "
+                    + (f"fine-tuned on {len(keep)}" if finetune_epochs else "no fine-tuning (finetune_epochs=0)"))
         tensors["layer_offsets"] = torch.tensor([0] + [layer.channels for layer in graph.layers]).cumsum(0)
         flagged = torch.nonzero(dropped).flatten() if cfg.accumulate_flagged else last_flagged
         details = {
