@@ -247,11 +247,11 @@ def measure_extras(spec: CellSpec, ws: Workspace, outcome: DefenseResult, attack
         # the CPU is fastest at the oracle's own batch (measured there); a GPU wants the profile's larger one
         batch_size = max(BATCH_SIZE, stage.eval_batch_size) if ws.device.type == "cuda" else BATCH_SIZE
         quality = selection_quality(undefended, outcome.selection, x_trig, y_target, batch_size)
-        result_metrics.update(sel_asr=quality.sel_asr, oracle_asr=quality.oracle_asr, sel_recall=quality.sel_recall)
+        result_metrics.update(quality.metrics())
         outcome.details["selection"] = quality.to_json()
         del undefended
         timings["oracle_s"] = round(time.perf_counter() - t0, 3)
-    if config.feature_samples > 0 and hasattr(outcome.model, "features"):
+    if config.feature_samples > 0 and hasattr(outcome.model, "features") and hasattr(outcome.model, "classifier"):
         t0 = time.perf_counter()
         save_file(penultimate_features(outcome.model, test, triggered if attack.has_trigger else None,
                                        config.feature_samples, stage.seed, stage.eval_batch_size),
@@ -275,7 +275,8 @@ def penultimate_features(model: torch.nn.Module, test: ImageSet, triggered, samp
         parts["triggered"] = (x_trig[chosen], y_true[chosen], y_target[chosen])
     x = torch.cat([part[0] for part in parts.values()])
     features = engine.infer(model, x, lambda batch: model.features(batch).flatten(1).float(), batch_size)
+    predicted = model.classifier(features).argmax(1)  # from the same pass: the head is one linear layer
     return {"features": features.cpu(), "labels": torch.cat([part[1] for part in parts.values()]).cpu().long(),
             "targets": torch.cat([part[2] for part in parts.values()]).cpu().long(),
-            "predicted": engine.predict(model, x, batch_size).cpu(),
+            "predicted": predicted.cpu(),
             "triggered": torch.cat([torch.full((len(part[0]),), name == "triggered") for name, part in parts.items()])}

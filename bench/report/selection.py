@@ -14,8 +14,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
-
 from bench.report.collect import (
     SELECTION_METRICS,
     Setup,
@@ -130,7 +128,7 @@ def figure(setup: Setup, palette: dict[str, str], stem: Path) -> FigureFile | No
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
         ax.set_title("Did the defense hit the backdoor's units?", fontweight="bold")
         fig.tight_layout()
-        means = np.round(stats["sel_recall"].dropna().mean(), 1) if stats["sel_recall"].notna().any() else None
+        means = round(float(stats["sel_recall"].dropna().mean()), 1) if stats["sel_recall"].notna().any() else None
         sweeps = [f"{defense}: {'/'.join(fields)}" for defense, group in stats.groupby("defense", sort=True)
                   if (fields := _variant_fields(defense, group["defense_label"].unique())[0])]
         caption = ("each point a (defense variant, attack), mean over seeds, undefended model, before fine-tuning; above the "
