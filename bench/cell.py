@@ -25,7 +25,7 @@ from bench.defense import Defense, DefenseContext, DefenseResult
 from bench.metrics import accuracy
 from bench.models.base import build_model
 from bench.registry import DEFENSES
-from bench.spec import CellSpec, EvalConfig, StageSpec
+from bench.spec import CellSpec, EvalConfig, StageSpec, content_hash
 from bench.workspace import Workspace, environment, peak_memory_mb
 
 
@@ -157,6 +157,34 @@ def reverse_engineer(model: torch.nn.Module, test: ImageSet, info: DatasetInfo, 
     return result.max_reasr, details, tensors
 
 
+def scan_cell_model(outcome: DefenseResult, stage: StageSpec, ws: Workspace, test: ImageSet, info: DatasetInfo,
+                    scan_config: dict, out_dir) -> tuple[float, dict]:
+    """REASR of the cell's model, with its reversed triggers written to ``out_dir/scan.safetensors``.
+
+    A model the defense left unchanged is the stage's own, and a scan is a deterministic function of
+    the model and its settings: it is computed once per stage and settings, in its own artifact
+    directory (``<artifacts>/<stage id>-scan-<settings hash>/``, verified like any other), and every
+    such cell reuses it. On the benign row that is the undefended cell and each defense that found
+    nothing to change (CLP, NC): two to three scans of ten."""
+    if not outcome.unchanged:
+        reasr, details, tensors = reverse_engineer(outcome.model, test, info, scan_config)
+        save_file(tensors, str(out_dir / "scan.safetensors"))
+        return reasr, details
+    shared = ws.root / f"{stage.id}-scan-{content_hash(scan_config)}"
+    cached = finished(shared, progress.log)
+    if cached is None:
+        writer = ArtifactWriter(shared)
+        try:
+            reasr, details, tensors = reverse_engineer(outcome.model, test, info, scan_config)
+            save_file(tensors, str(writer.tmp / "scan.safetensors"))
+            cached = writer.commit({"reasr": reasr, "details": details})
+        except BaseException:
+            writer.discard()
+            raise
+    shutil.copyfile(shared / "scan.safetensors", out_dir / "scan.safetensors")
+    return cached["reasr"], {**cached["details"], "shared": shared.name}
+
+
 def run_defense_cell(spec: CellSpec, ws: Workspace) -> dict:
     """Apply a defense to the cached undefended model of the cell's stage and evaluate it."""
     directory = ws.root / spec.id
@@ -203,8 +231,8 @@ def run_defense_cell(spec: CellSpec, ws: Workspace) -> dict:
         scan_s = None
         if spec.scan is not None:
             t0 = time.perf_counter()
-            result_metrics["reasr"], outcome.details["scan"], scan_tensors = reverse_engineer(outcome.model, test, info, spec.scan)
-            save_file(scan_tensors, str(writer.tmp / "scan.safetensors"))
+            result_metrics["reasr"], outcome.details["scan"] = scan_cell_model(outcome, stage, ws, test, info, spec.scan,
+                                                                               writer.tmp)
             scan_s = round(time.perf_counter() - t0, 3)
         if not outcome.unchanged:
             save_model(outcome.model, str(writer.tmp / "model.safetensors"))

@@ -82,7 +82,7 @@ def stage_specs(request: GridRequest, parsed: ParsedOverrides, attack: str) -> l
     attack_cls = ATTACKS.get(attack)
     specs = []
     attack_fields = {f.name for f in dataclasses.fields(attack_cls.Config)}
-    profile_defaults = {k: v for k, v in profile.attack_defaults.items() if k in attack_fields}
+    profile_defaults = profile.attack_defaults_for(attack, attack_fields)
     for attack_values in expand_sweeps(parsed.attack.get(attack, {})):
         attack_config = dataclasses.asdict(build_config(attack_cls.Config, {**profile_defaults, **attack_values},
                                                         f"attack.{attack}."))

@@ -15,9 +15,14 @@ class Profile:
     train: TrainConfig                 # the attack stage (undefended model)
     finetune: TrainConfig              # default recipe of defenses that fine-tune
     epochs_by_dataset: dict[str, int] = field(default_factory=dict)
-    # Attack settings the recipe prescribes (e.g. the paper's 5% poison rate), applied to every
-    # attack whose Config has the field, before the user's -o overrides.
+    # Attack settings the recipe prescribes, before the user's -o overrides: a field name applies to
+    # every attack whose Config has it (the paper's 5% poison rate); an attack's name holds settings
+    # for that attack alone ({"input-aware": {"mask_epochs": 5}}), which win over the shared ones.
     attack_defaults: dict = field(default_factory=dict)
+
+    def attack_defaults_for(self, attack: str, fields: set[str]) -> dict:
+        shared = {k: v for k, v in self.attack_defaults.items() if k in fields}
+        return {**shared, **self.attack_defaults.get(attack, {})}
     # Per-defense settings that fit the profile's budget, keyed "defense" or "defense@attack"
     # (the latter wins on that attack's rows); the user's -o overrides win over both.
     defense_defaults: dict = field(default_factory=dict)
@@ -55,14 +60,17 @@ SMOKE = _define(Profile(
 
 QUICK = _define(Profile(
     name="quick",
-    description="CPU-friendly: small CNN, 10 epochs, defenses fine-tune 5 epochs (Fashion-MNIST default grid 3 h 14 min on 2 idle cores)",
+    description="CPU-friendly: small CNN, 10 epochs, defenses fine-tune 5 epochs (its grid cost: BENCHMARKS.md)",
     model="small-cnn",
     train=TrainConfig(epochs=10, batch_size=128, lr=0.05, schedule="cosine"),
     finetune=TrainConfig(epochs=5, batch_size=128, lr=0.01, schedule="cosine"),
     # NONE's presets fine-tune 20 (40 natural) epochs; the CPU budget keeps them to the profile's 5.
     defense_defaults={"none": {"finetune_epochs": 5}, "none@benign": {"rounds": 3}},
-    # 6 bounds x 10 labels x 50 images per step: ~1.7 s per step, ~260 s per scan on 2 idle CPU cores
-    # (measured 2026-12-01), so the benign row's 10 scans add ~45 min to the grid.
+    # The attacker's mask generator is fitted for 5 epochs, not the paper's 25, in proportion to the
+    # profile's 10 training epochs: the 25-epoch fit alone took longer than any other attack's stage.
+    attack_defaults={"input-aware": {"mask_epochs": 5}},
+    # 6 bounds x 10 labels x 50 images per step: 130 s per scan on 2 idle Zen 4 cores (2026-12-03; 260 s
+    # on the Xeon of 2026-12-01); the benign row's 8-10 scans (unchanged models share one) add 17-22 min.
     scan={"steps": 100, "refine_steps": 50, "images_per_class": 5, "eval_images_per_class": 50},
 ))
 

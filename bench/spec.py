@@ -33,7 +33,7 @@ class EvalConfig:
         require(self, oracle_samples=">= 0", feature_samples=">= 0")
 
 
-def _hash(payload: dict) -> str:
+def content_hash(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -60,7 +60,7 @@ class StageSpec:
         sources = {kind: digest for kind, digest in sources.items() if digest}
         if sources:  # plugins from outside the project: their code is part of the identity
             payload["plugin_sources"] = sources
-        return "s-" + _hash(payload)
+        return "s-" + content_hash(payload)
 
     def benign(self) -> "StageSpec":
         benign_cls = ATTACKS.get("benign")
@@ -95,7 +95,7 @@ class CellSpec:
             payload["scan_version"] = bench.SCAN_VERSION
         if self.evaluation is not None:
             payload["evaluation"] = self.evaluation
-        return "c-" + _hash(payload)
+        return "c-" + content_hash(payload)
 
     def label(self) -> str:
         return f"{self.stage.label()} x {self.defense}"

@@ -5,7 +5,8 @@
 
 Prints, for one dataset and profile:
 - each attack stage's time (training the undefended model, poisoning, evaluation);
-- each defense's cell time (defense + evaluation + REASR scan where one ran), median over attacks;
+- each defense's cell time (defense, evaluation, REASR scan, selection oracle, t-SNE features),
+  median over attacks, and the grid's time by phase;
 - NONE's analysis (collect, score, select, flag, reset) against its fine-tuning, per cell;
 - every (attack, defense) cell's time, as a table;
 - the default grid (every registered attack x every registered defense) as measured where the
@@ -23,10 +24,31 @@ from collections import defaultdict
 from bench.registry import ATTACKS, DEFENSES
 from bench.store import ResultStore
 
+# The parts of a cell's time, as bench/cell.py records them.
+CELL_PHASES = {"defense_s": "defenses", "eval_s": "evaluation", "scan_s": "REASR scans",
+               "oracle_s": "selection oracle", "features_s": "t-SNE features"}
+
 
 def cell_seconds(cell: dict) -> float:
     timings = cell.get("timings") or {}
-    return float(timings.get("defense_s", 0) + timings.get("eval_s", 0) + timings.get("scan_s", 0))
+    return float(sum(timings.get(key) or 0 for key in CELL_PHASES))
+
+
+def phases(store: ResultStore, dataset: str, profile: str) -> list[str]:
+    """Where the grid's time goes, summed over every finished stage and cell: training the
+    undefended models (with their per-epoch curves), then each part of the cells."""
+    totals: dict[str, float] = defaultdict(float)
+    for stage in store.stages(dataset):
+        if stage["status"] == "done" and stage["profile"] == profile and stage.get("timings"):
+            totals["attack stages (training with curves, poisoning, evaluation)"] += float(stage["timings"]["total_s"])
+    for cell in store.cells(dataset, status="done"):
+        if cell["profile"] == profile:
+            for key, name in CELL_PHASES.items():
+                totals[name] += float((cell.get("timings") or {}).get(key) or 0)
+    whole = sum(totals.values()) or 1.0
+    lines = ["| phase | time | share |", "|---|---|---|"]
+    lines += [f"| {name} | {minutes(seconds)} | {seconds / whole:.0%} |" for name, seconds in totals.items() if seconds]
+    return lines
 
 
 def collect(store: ResultStore, dataset: str, profile: str) -> tuple[dict[str, float], dict[tuple[str, str], float], list[dict]]:
@@ -76,7 +98,7 @@ def report(store: ResultStore, dataset: str, profile: str) -> list[str]:
     for (_, defense), seconds in cells.items():
         by_defense[defense].append(seconds)
     median = {d: statistics.median(v) for d, v in by_defense.items()}
-    lines += ["", "#### Defense cells (defense + evaluation + scan), median over attacks", "",
+    lines += ["", "#### Defense cells (defense, evaluation, scan, oracle, features), median over attacks", "",
               "| defense | kind | median | min | max | cells |", "|---|---|---|---|---|---|"]
     for d in defenses:
         if d in by_defense:
@@ -84,7 +106,7 @@ def report(store: ResultStore, dataset: str, profile: str) -> list[str]:
             lines.append(f"| {d} | {DEFENSES.get(d).kind} | {minutes(median[d])} | {minutes(min(v))} | {minutes(max(v))} | {len(v)} |")
     present = [a for a in attacks if a in stages or any(key[0] == a for key in cells)]
     if present:
-        lines += ["", "#### Each cell (defense + evaluation + scan; the stage column: training the undefended model)", "",
+        lines += ["", "#### Each cell (defense, evaluation, scan, oracle, features; the stage column: training the undefended model)", "",
                   "| attack | stage | " + " | ".join(defenses) + " |", "|---" * (len(defenses) + 2) + "|"]
         for a in present:
             row = [minutes(stages[a]) if a in stages else "—"]
@@ -99,6 +121,7 @@ def report(store: ResultStore, dataset: str, profile: str) -> list[str]:
             short = ", ".join(f"{k}={config[k]}" for k in ("max_reset_fraction", "finetune_lr", "rounds") if k in config)
             ratio = t["analysis_s"] / t["finetune_s"] if t.get("finetune_s") else float("nan")
             lines.append(f"| {cell['attack']} | {short} | {t['analysis_s']:.1f} s | {t['finetune_s']:.1f} s | {ratio:.1%} |")
+    lines += ["", "#### Phases, summed over the store's stages and cells", "", *phases(store, dataset, profile)]
     measured, projected, unknown = 0.0, 0.0, []
     stage_median = statistics.median(stages.values()) if stages else None
     for a in attacks:

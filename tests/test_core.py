@@ -213,6 +213,21 @@ def test_the_contract_pages_flagging_defense_runs_and_gets_detection_metrics(tmp
     assert metrics["det_flagged"] == result["details"]["removed"] > 0
 
 
+def test_profile_attack_defaults_apply_to_their_attack_and_yield_to_the_user():
+    """The quick profile fits Input-Aware's mask generator for 5 epochs (a setting keyed by the
+    attack's name); the paper profile's poison rate (a shared field) reaches every attack that has
+    it; the user's -o wins over both and is the only thing recorded as user-set."""
+    quick = {c.stage.attack: c for c in expand(GridRequest("synthetic", "quick", attacks=["input-aware", "badnets"],
+                                                           defenses=["undefended"]))}
+    assert quick["input-aware"].stage.attack_config["mask_epochs"] == 5
+    assert "mask_epochs" not in quick["badnets"].stage.attack_config
+    paper = expand(GridRequest("synthetic", "paper", attacks=["input-aware"], defenses=["undefended"]))[0]
+    assert paper.stage.attack_config["mask_epochs"] == 25 and paper.stage.attack_config["poison_rate"] == 0.05
+    user = expand(GridRequest("synthetic", "quick", attacks=["input-aware"], defenses=["undefended"],
+                              overrides=["attack.input-aware.mask_epochs=7"]))[0]
+    assert user.stage.attack_config["mask_epochs"] == 7 and user.user_set["attack"] == {"mask_epochs": 7}
+
+
 def test_benign_rows_get_the_reasr_scan_and_none_its_natural_preset():
     cells = expand(GridRequest("synthetic", "quick", attacks=["badnets", "benign"], defenses=["undefended", "none"]))
     by_row = {(c.stage.attack, c.defense): c for c in cells}

@@ -12,6 +12,10 @@ Design choices and why:
   elevates (for many-class datasets, where inverting every label is too expensive).
 - Every (bound, candidate) trigger is optimised in one batched tensor (chunked only to bound
   memory), so a scan is a few hundred large forward/backward passes, not a Python loop.
+- With ``early_stop``, a trigger that already sends every optimisation image to its label
+  within its bound leaves the batch (as K-Arm stops an arm that has converged), in the search
+  and again in the refinement. It is off by default: it lowers REASR at the large bounds
+  (measurements at ``ScanConfig.early_stop``).
 - The size bound is a soft penalty during the search, then a hard projection (keep the
   top-k mask pixels, k = floor(bound * H * W)) followed by a refinement restricted to that
   support: the reported trigger satisfies the bound by construction, so REASR is never
@@ -49,6 +53,12 @@ class ScanConfig:
     stimulation_values: int = 8         # stimulation levels from 0 to stimulation_scale x the layer's max
     stimulation_scale: float = 4.0
     max_batch_images: int = 4096        # images per forward pass (triggers x images): bounds memory
+    # A trigger stops optimising once, within its bound, it sends every optimisation image to its
+    # label (K-Arm's early stop); the rest go on. Off by default: on a benign small-cnn (Fashion-MNIST,
+    # quick scan) it saved 23% of the scan (100 s vs 130 s) but REASR at the 12% bound fell from 92.7
+    # to 85.2 (stopped triggers generalise less to held-out images); requiring p >= 0.9 on every image
+    # kept 86.6 and saved 7%. Worth it where a planted trigger converges in a few steps.
+    early_stop: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -260,24 +270,39 @@ def _invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, labels: torch.Te
     # Images of a candidate's own class say nothing about a trigger towards it.
     weight = (y.view(1, -1) != labels.view(-1, 1)).float()
     weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(1)
-    target = labels.view(-1, 1).expand(t, len(x)).reshape(-1)
+    counted = weight > 0
     support = torch.ones(t, 1, h, w, device=device)
+    # A row has converged when its trigger, within the bound, sends every counted optimisation image
+    # to its label: it leaves the batch, kept as it was when it got there.
+    done = torch.zeros(t, dtype=torch.bool, device=device)
+    kept_mask, kept_pattern = mask_logit.detach().clone(), pattern_logit.detach().clone()
 
     def step(penalise: bool) -> None:
-        mask = torch.sigmoid(mask_logit) * support
-        pattern = torch.sigmoid(pattern_logit)
+        rows = torch.nonzero(~done).flatten()
+        mask = torch.sigmoid(mask_logit[rows]) * support[rows]
+        pattern = torch.sigmoid(pattern_logit[rows])
         with autocast(device):
             logits = model(stamp(x, mask, pattern))
-        ce = F.cross_entropy(logits.float(), target, reduction="none").view(t, -1)
-        loss = (ce * weight).sum()
+        target = labels[rows].view(-1, 1).expand(len(rows), len(x)).reshape(-1)
+        ce = F.cross_entropy(logits.float(), target, reduction="none").view(len(rows), -1)
+        loss = (ce * weight[rows]).sum()
+        l1 = mask.flatten(1).sum(1)
         if penalise:
-            l1 = mask.flatten(1).sum(1)
-            loss = loss + config.penalty * (F.relu(l1 - bound_px) / bound_px).sum()
+            loss = loss + config.penalty * (F.relu(l1 - bound_px[rows]) / bound_px[rows]).sum()
+        with torch.no_grad():
+            hit = (logits.argmax(1).view(len(rows), -1) == labels[rows].view(-1, 1)) | ~counted[rows]
+            converged = rows[hit.all(1) & (l1 <= bound_px[rows] + 1e-3)] if config.early_stop else rows[:0]
+            kept_mask[converged], kept_pattern[converged] = mask_logit[converged], pattern_logit[converged]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        with torch.no_grad():  # Adam's momentum still moves rows without a gradient: put them back
+            done[converged] = True
+            mask_logit[done], pattern_logit[done] = kept_mask[done], kept_pattern[done]
 
     for _ in range(config.steps):
+        if done.all():
+            break
         step(True)
     # Hard projection: the k largest mask pixels, k the bound in whole pixels, so the final
     # L1 (a sum of k values in [0, 1]) cannot exceed the bound.
@@ -288,8 +313,11 @@ def _invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, labels: torch.Te
         # The kept pixels start fully opaque: the strongest stamp the bound allows, which the
         # refinement may then soften; a short search often leaves them far from opaque.
         mask_logit.copy_(torch.where(support.bool(), torch.full_like(mask_logit, 3.0), mask_logit))
+        done.zero_()
     optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=config.lr)
     for _ in range(config.refine_steps):
+        if done.all():
+            break
         step(False)
     with torch.no_grad():
         return (torch.sigmoid(mask_logit) * support).detach(), torch.sigmoid(pattern_logit).detach()

@@ -156,4 +156,4 @@ class CLP(Defense):
         ctx.log(f"pruned {pruned_total} of {total} channels (u={cfg.u:g})")
         return DefenseResult(model=model, details={"u": cfg.u, "pruned_channels": pruned_total,
                                                    "scored_channels": total, "layers": layers},
-                             selection=selection)
+                             selection=selection, unchanged=pruned_total == 0)
