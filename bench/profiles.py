@@ -69,8 +69,8 @@ QUICK = _define(Profile(
     # The attacker's mask generator is fitted for 5 epochs, not the paper's 25, in proportion to the
     # profile's 10 training epochs: the 25-epoch fit alone took longer than any other attack's stage.
     attack_defaults={"input-aware": {"mask_epochs": 5}},
-    # 6 bounds x 10 labels x 50 images per step: 130 s per scan on 2 idle Zen 4 cores (2026-12-03; 260 s
-    # on the Xeon of 2026-12-01); the benign row's 8-10 scans (unchanged models share one) add 17-22 min.
+    # 6 bounds x 10 labels x 50 images per step: 82 s per scan on 2 idle Zen 4 cores (2026-12-03; 260 s
+    # on the Xeon of 2026-12-01); the benign row's 8-10 scans (unchanged models share one) add 11-14 min.
     scan={"steps": 100, "refine_steps": 50, "images_per_class": 5, "eval_images_per_class": 50},
 ))
 

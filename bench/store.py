@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS claims (
 STATUSES = ("running", "done", "failed", "interrupted")   # interrupted: running, but its owner is gone
 HEARTBEAT_S = 10.0   # how often a runner refreshes its claims
 STALE_S = 120.0      # a claim not refreshed for this long is taken over (an owner on another host died)
+INIT_ATTEMPTS = 10   # tries to create or open a store that another runner is creating at the same moment
 
 
 def _host() -> str:
@@ -77,9 +78,32 @@ class ResultStore:
         self.token = uuid.uuid4().hex
         self.host, self.pid = _host(), os.getpid()
         self._held: set[str] = set()
-        try:
-            with closing(self._connect()) as conn, conn:
-                conn.executescript(SCHEMA)
+        for attempt in range(INIT_ATTEMPTS):
+            try:
+                row = self._initialise(artifacts_root)
+                break
+            except sqlite3.OperationalError as exc:
+                # Two runners creating one store at once can meet a lock that SQLite reports at once
+                # instead of waiting (a new file still in rollback-journal mode: CI saw it once).
+                if "locked" not in str(exc) or attempt == INIT_ATTEMPTS - 1:
+                    raise BenchError(f"{self.path} is not a usable results store ({exc}); pass another --store "
+                                     f"or move that file away") from None
+                time.sleep(0.2 * (attempt + 1))
+            except sqlite3.DatabaseError as exc:
+                raise BenchError(f"{self.path} is not a usable results store ({exc}); pass another --store "
+                                 f"or move that file away") from None
+        self.artifacts_root = Path(row[0]) if row else self.path.parent
+
+    def _initialise(self, artifacts_root: str | Path | None):
+        """Create the tables (in one immediate transaction: a reader that later writes can deadlock
+        with another creator) and return the remembered artifacts root's row."""
+        with closing(self._connect()) as conn:
+            conn.isolation_level = None
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
                 columns = {row[1] for row in conn.execute("PRAGMA table_info(cells)")}
                 if "plugins" not in columns:  # stores made before plugin provenance was recorded
                     conn.execute("ALTER TABLE cells ADD COLUMN plugins TEXT")
@@ -87,10 +111,11 @@ class ResultStore:
                     conn.execute("INSERT INTO meta VALUES ('artifacts_root', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                                  (str(Path(artifacts_root).resolve()),))
                 row = conn.execute("SELECT value FROM meta WHERE key='artifacts_root'").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise BenchError(f"{self.path} is not a usable results store ({exc}); pass another --store "
-                             f"or move that file away") from None
-        self.artifacts_root = Path(row[0]) if row else self.path.parent
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return row
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=60)

@@ -72,9 +72,12 @@ def test_linear_model_known_trigger(tmp_path, one_thread):
     assert (mask > 0).sum() <= 5
     assert result.patterns[1, 0, :PATCH, :PATCH].min() > 0.8  # white
     assert result.opt_images == 50 and result.eval_images == 200  # 5 + 20 per class
-    # Seeded: the same scan gives the same triggers.
+    # Seeded: the same scan gives the same triggers, and so does one run in chunks of 2 triggers
+    # (each trigger's starting point is drawn up front; chunking is a speed setting).
     again = scan(model, images, info, config)
     assert torch.equal(again.masks, result.masks) and again.reasr == result.reasr
+    chunked = scan(model, images, info, ScanConfig(**{**config.__dict__, "max_batch_images": 100}))
+    assert torch.allclose(chunked.masks, result.masks, atol=1e-5) and chunked.reasr == result.reasr
     # The report's figures render from a result and from its JSON form.
     from bench.report.figures import save
     from bench.report.reasr_figures import plot_reasr, trigger_grid
@@ -95,7 +98,7 @@ def test_early_stop_keeps_the_known_trigger_and_skips_steps(one_thread, monkeypa
     counted = nn.Sequential(model)
     counted.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
     full = ScanConfig(bounds=(0.004, 0.02), images_per_class=5, eval_images_per_class=20, steps=60, refine_steps=30,
-                      lr=0.2, seed=0)
+                      lr=0.2, seed=0, max_batch_images=4096)  # one pass per step: the calls count images
     stopped = scan(counted, images, info, reasr.ScanConfig(**{**full.__dict__, "early_stop": True}))
     optimised_images = sum(calls[:-3])  # the last calls: held-out clean and stamped images
     assert stopped.reasr[0.02] >= 98 and stopped.best_label[0.02] == 3 and stopped.reasr[0.004] <= 5
