@@ -174,12 +174,12 @@ class InputAware(Attack):
         backdoor and cross samples."""
         return torch.nonzero(((role == 1) | (role == 2).roll(-1, 0)).flatten()).flatten()
 
-    def _stamp_roles(self, x: torch.Tensor, role: torch.Tensor, sources: torch.Tensor, patterns: torch.Tensor
-                     ) -> torch.Tensor:
+    def _stamp_roles(self, x: torch.Tensor, role: torch.Tensor, sources: torch.Tensor, source_images: torch.Tensor,
+                     patterns: torch.Tensor) -> torch.Tensor:
         """The batch with every role applied: ``patterns`` (and the frozen mask generator's masks)
-        come from ``x[sources]``; clean images pass through unchanged."""
+        come from ``source_images`` (``x[sources]``); clean images pass through unchanged."""
         with torch.no_grad():
-            masks = torch.zeros_like(x[:, :1]).index_copy(0, sources, threshold(self.mask_generator(x[sources])))
+            masks = torch.zeros_like(x[:, :1]).index_copy(0, sources, threshold(self.mask_generator(source_images)))
         patterns = torch.zeros_like(x).index_copy(0, sources, patterns)
         own = x * (1 - masks) + patterns * masks
         cross_masks = masks.roll(1, 0)
@@ -227,7 +227,9 @@ class InputAware(Attack):
             sources = self.trigger_sources(batch_role)
             if len(sources) == 0:
                 return x, labels
-            return self._stamp_roles(x, batch_role, sources, self.pattern_generator(x[sources])).clamp(0, 1), labels
+            source_images = x[sources]
+            stamped = self._stamp_roles(x, batch_role, sources, source_images, self.pattern_generator(source_images))
+            return stamped.clamp(0, 1), labels
 
         schedule = self.slow_schedule(len(y), indices) if self.config.schedule == "slow" else None
         return Poisoned(ImageSet(train.x, y, transform=transform, schedule=schedule), indices,
@@ -296,9 +298,10 @@ class InputAware(Attack):
             if len(sources) < 2:  # no pair to keep apart (a short last batch); the classifier still learns
                 return F.cross_entropy(classifier(x), y)
             self.pattern_generator.train()
-            patterns = self.pattern_generator(x[sources])
-            inputs = self._stamp_roles(x, role, sources, patterns)
-            return F.cross_entropy(classifier(inputs), y) + cfg.lambda_div * diversity_loss(x[sources], patterns)
+            source_images = x[sources]
+            patterns = self.pattern_generator(source_images)
+            inputs = self._stamp_roles(x, role, sources, source_images, patterns)
+            return F.cross_entropy(classifier(inputs), y) + cfg.lambda_div * diversity_loss(source_images, patterns)
 
         # The classifier follows the stage's recipe; the generator its paper's Adam (betas 0.5, 0.9).
         generator_optimizer = torch.optim.Adam(self.pattern_generator.parameters(), lr=cfg.generator_lr, betas=(0.5, 0.9))

@@ -19,10 +19,6 @@ class Profile:
     # every attack whose Config has it (the paper's 5% poison rate); an attack's name holds settings
     # for that attack alone ({"input-aware": {"mask_epochs": 5}}), which win over the shared ones.
     attack_defaults: dict = field(default_factory=dict)
-
-    def attack_defaults_for(self, attack: str, fields: set[str]) -> dict:
-        shared = {k: v for k, v in self.attack_defaults.items() if k in fields}
-        return {**shared, **self.attack_defaults.get(attack, {})}
     # Per-defense settings that fit the profile's budget, keyed "defense" or "defense@attack"
     # (the latter wins on that attack's rows); the user's -o overrides win over both.
     defense_defaults: dict = field(default_factory=dict)
@@ -33,6 +29,10 @@ class Profile:
     scan: dict = field(default_factory=dict)
     # What cells measure besides the protocol's metrics (bench.spec.EvalConfig fields).
     evaluation: dict = field(default_factory=dict)
+
+    def attack_defaults_for(self, attack: str, fields: set[str]) -> dict:
+        shared = {k: v for k, v in self.attack_defaults.items() if k in fields}
+        return {**shared, **self.attack_defaults.get(attack, {})}
 
     def train_for(self, dataset: str) -> TrainConfig:
         from dataclasses import replace

@@ -82,14 +82,12 @@ class ResultStore:
             try:
                 row = self._initialise(artifacts_root)
                 break
-            except sqlite3.OperationalError as exc:
+            except sqlite3.DatabaseError as exc:
                 # Two runners creating one store at once can meet a lock that SQLite reports at once
                 # instead of waiting (a new file still in rollback-journal mode: CI saw it once).
-                if "locked" not in str(exc) or attempt == INIT_ATTEMPTS - 1:
-                    raise BenchError(f"{self.path} is not a usable results store ({exc}); pass another --store "
-                                     f"or move that file away") from None
-                time.sleep(0.2 * (attempt + 1))
-            except sqlite3.DatabaseError as exc:
+                if "locked" in str(exc) and attempt < INIT_ATTEMPTS - 1:
+                    time.sleep(0.2 * (attempt + 1))
+                    continue
                 raise BenchError(f"{self.path} is not a usable results store ({exc}); pass another --store "
                                  f"or move that file away") from None
         self.artifacts_root = Path(row[0]) if row else self.path.parent

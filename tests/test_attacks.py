@@ -324,7 +324,7 @@ def test_input_aware_generates_only_the_triggers_a_batch_uses(synthetic):
         own = x * (1 - masks) + patterns * masks
         cross = x * (1 - masks.roll(1, 0)) + patterns.roll(1, 0) * masks.roll(1, 0)
         expected = torch.where(role.view(-1, 1, 1, 1) == 1, own, torch.where(role.view(-1, 1, 1, 1) == 2, cross, x))
-        stamped = attack._stamp_roles(x, role, sources, attack.pattern_generator(x[sources]))
+        stamped = attack._stamp_roles(x, role, sources, x[sources], attack.pattern_generator(x[sources]))
     assert torch.allclose(stamped, expected, atol=1e-5)
     assert torch.equal(stamped[role == 0], x[role == 0])
 

@@ -282,36 +282,41 @@ def _invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, labels: torch.Te
     weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(1)
     counted = weight > 0
     support = torch.ones(t, 1, h, w, device=device)
-    # A row has converged when its trigger, within the bound, sends every counted optimisation image
-    # to its label: it leaves the batch, kept as it was when it got there.
+    # Early stop: a row has converged when its trigger, within the bound, sends every counted
+    # optimisation image to its label; it leaves the batch, kept as it was when it got there.
+    # Without early stop none of this bookkeeping runs (no host syncs per step).
+    early = config.early_stop
     done = torch.zeros(t, dtype=torch.bool, device=device)
-    kept_mask, kept_pattern = mask_logit.detach().clone(), pattern_logit.detach().clone()
+    kept_mask, kept_pattern = (mask_logit.detach().clone(), pattern_logit.detach().clone()) if early else (None, None)
 
     def step(penalise: bool) -> None:
-        rows = torch.nonzero(~done).flatten()
+        rows = torch.nonzero(~done).flatten() if early else slice(None)
+        row_labels, row_bounds = labels[rows], bound_px[rows]
         mask = torch.sigmoid(mask_logit[rows]) * support[rows]
         pattern = torch.sigmoid(pattern_logit[rows])
         with autocast(device):
             logits = model(stamp(x, mask, pattern))
-        target = labels[rows].view(-1, 1).expand(len(rows), len(x)).reshape(-1)
-        ce = F.cross_entropy(logits.float(), target, reduction="none").view(len(rows), -1)
+        target = row_labels.view(-1, 1).expand(len(row_labels), len(x)).reshape(-1)
+        ce = F.cross_entropy(logits.float(), target, reduction="none").view(len(row_labels), -1)
         loss = (ce * weight[rows]).sum()
         l1 = mask.flatten(1).sum(1)
         if penalise:
-            loss = loss + config.penalty * (F.relu(l1 - bound_px[rows]) / bound_px[rows]).sum()
-        with torch.no_grad():
-            hit = (logits.argmax(1).view(len(rows), -1) == labels[rows].view(-1, 1)) | ~counted[rows]
-            converged = rows[hit.all(1) & (l1 <= bound_px[rows] + 1e-3)] if config.early_stop else rows[:0]
-            kept_mask[converged], kept_pattern[converged] = mask_logit[converged], pattern_logit[converged]
+            loss = loss + config.penalty * (F.relu(l1 - row_bounds) / row_bounds).sum()
+        if early:
+            with torch.no_grad():
+                hit = (logits.argmax(1).view(len(row_labels), -1) == row_labels.view(-1, 1)) | ~counted[rows]
+                converged = rows[hit.all(1) & (l1 <= row_bounds + 1e-3)]
+                kept_mask[converged], kept_pattern[converged] = mask_logit[converged], pattern_logit[converged]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        with torch.no_grad():  # Adam's momentum still moves rows without a gradient: put them back
-            done[converged] = True
-            mask_logit[done], pattern_logit[done] = kept_mask[done], kept_pattern[done]
+        if early:
+            with torch.no_grad():  # Adam's momentum still moves rows without a gradient: put them back
+                done[converged] = True
+                mask_logit[done], pattern_logit[done] = kept_mask[done], kept_pattern[done]
 
     for _ in range(config.steps):
-        if done.all():
+        if early and done.all():
             break
         step(True)
     # Hard projection: the k largest mask pixels, k the bound in whole pixels, so the final
@@ -326,7 +331,7 @@ def _invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, labels: torch.Te
         done.zero_()
     optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=config.lr)
     for _ in range(config.refine_steps):
-        if done.all():
+        if early and done.all():
             break
         step(False)
     with torch.no_grad():
