@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--format", choices=("table", "csv", "json"), default="table")
     results.add_argument("--dataset", default=None)
 
-    report = commands.add_parser("report", help="write reports/<dataset>/ and reports/index.md from the store",
+    report = commands.add_parser("report", help="write reports/<dataset>/ and reports/README.md from the store",
                                  epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_argument("--store", type=Path, default=DEFAULT_STORE)
     report.add_argument("--dataset", default=None, help="one dataset (default: every dataset in the store)")

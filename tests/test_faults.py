@@ -459,10 +459,10 @@ def test_a_failed_cell_makes_run_exit_1_with_a_summary(tmp_path):
     rows = json.loads(bench("results", "--store", str(store), "--format", "json").stdout)
     broken = next(row for row in rows if row["defense"] == "broken")
     assert [(p["kind"], p["via"], p["path"]) for p in broken["plugins"]] == [("defense", "file", str(plugin.resolve()))]
-    committed = (REPO / "reports" / "index.md").stat().st_mtime_ns if (REPO / "reports" / "index.md").exists() else None
+    committed = (REPO / "reports" / "README.md").stat().st_mtime_ns if (REPO / "reports" / "README.md").exists() else None
     bench("report", "--store", str(store), "--no-tsne")
     readme = (tmp_path / "reports" / "synthetic" / "README.md").read_text()
-    assert ((REPO / "reports" / "index.md").stat().st_mtime_ns if committed else None) == committed
+    assert ((REPO / "reports" / "README.md").stat().st_mtime_ns if committed else None) == committed
     command = next(line for line in readme.splitlines() if line.startswith("python -m bench run"))
     assert f"--plugin {plugin.resolve()}" in command
     # Run as printed, in a fresh shell, it re-creates the same cells.

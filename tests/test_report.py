@@ -21,6 +21,7 @@ from PIL import Image
 from bench.grid import GridRequest, expand
 from bench.metrics.accuracy import defense_effectiveness_rating
 from bench.report import write_index, write_report
+from bench.report.tables import HEADER
 from bench.spec import CellSpec, StageSpec
 from bench.store import ResultStore
 
@@ -226,6 +227,22 @@ def test_every_figure_is_a_valid_image_and_referenced(fabricated):
         assert ET.parse(svg).getroot().tag.endswith("svg")
     # fabricated cells stored no features: t-SNE is skipped with a note naming the cell, not an error
     assert "t-SNE: badnets: the undefended cell" in readme and "stored no features" in readme
+
+
+def test_index_is_the_directorys_readme_with_its_notes(fabricated, tmp_path):
+    """The cross-dataset page is README.md (a browsed reports/ or study directory opens on it), it
+    includes NOTES.md beside it, and replaces a generated index.md of the page's older name, never
+    a hand-written one."""
+    store, _, index = fabricated
+    assert index.name == "README.md" and index.read_text().startswith(HEADER)
+    (tmp_path / "NOTES.md").write_text("## A study\n\nThe commands that rebuild its store.\n")
+    (tmp_path / "index.md").write_text(HEADER + "\n\nan old generated page\n")
+    page = write_index(store, tmp_path).read_text()
+    assert "## A study" in page and page.index("## A study") < page.index("## Cross-dataset summary")
+    assert not (tmp_path / "index.md").exists()
+    (tmp_path / "index.md").write_text("# written by hand\n")
+    write_index(store, tmp_path)
+    assert (tmp_path / "index.md").read_text() == "# written by hand\n"
 
 
 def test_index_summarises_across_datasets(fabricated):
@@ -483,3 +500,54 @@ def test_reproduce_gives_one_command_per_set_of_user_fields(fabricated):
     defaults, sweep = commands
     assert "-o " not in defaults and "--defenses fine-pruning,none,undefended" in defaults
     assert sweep.endswith("--defenses none --seeds 0,1 -o defense.none.max_reset_fraction=0.1"), sweep
+
+
+def test_focus_defense_across_setups_puts_every_configuration_in_one_table(tmp_path):
+    """Two setups of one dataset (the stage's lr 0.05 and 0.01), NONE at two reset fractions: the
+    report's cross-setup table has one row per setup x configuration x attack, with the stored
+    numbers as mean ± std over seeds, the same configuration label in both setups, and no row for a
+    configuration a setup did not run."""
+    from bench.report import across
+    from bench.report.collect import load
+
+    store = ResultStore(tmp_path / "bench.sqlite")
+    # (lr override, seed) -> undefended c_acc, asr; NONE cells: fraction -> (c_acc, asr, sel_asr, recall, precision)
+    runs = {
+        ("", 0): ((90.0, 99.0), {0.03: (89.0, 70.0, 71.0, 40.0, 80.0), 0.1: (79.0, 10.0, 11.0, 50.0, 80.0)}),
+        ("", 1): ((91.0, 98.0), {0.03: (88.0, 50.0, 52.0, 20.0, 90.0), 0.1: (77.0, 20.0, 21.0, 30.0, 90.0)}),
+        ("train.lr=0.01", 0): ((88.0, 97.0), {0.03: (87.0, 5.0, 4.0, 60.0, 95.0)}),
+    }
+    for (override, seed), ((acc, asr), nones) in runs.items():
+        stage = expand(GridRequest("synthetic", "smoke", attacks=["badnets"], defenses=["undefended"], seeds=[seed],
+                                   overrides=[override] if override else []))[0].stage
+        store.stage_running(stage)
+        store.stage_done(stage.id, {"metrics": {"c_acc": acc, "asr": asr, "ra": 1.0, "poison_rate": 10.0,
+                                                "poisoned": 380}, "timings": {"total_s": 1.0}, "environment": ENV})
+        for fraction, (c_acc, d_asr, sel_asr, recall, precision) in nones.items():
+            cell = FixedCell(stage, "none", {"max_reset_fraction": fraction, "finetune_epochs": 0},
+                             user_set={"defense": {"max_reset_fraction": fraction}},
+                             fixed_id=f"c-{override or 'base'}-{seed}-{fraction}")
+            store.cell_running(cell)
+            store.cell_done(cell.id, {"metrics": {"c_acc": c_acc, "asr": d_asr, "ra": 1.0, "der": 0.5, "sel_asr": sel_asr,
+                                                  "oracle_asr": 1.0, "sel_recall": recall, "det_precision": precision,
+                                                  "det_recall": 97.0},
+                                      "timings": {"defense_s": 1.0, "eval_s": 0.1}, "environment": ENV})
+    data = load(store, "synthetic")
+    assert len(data.setups) == 2
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in across.table(data, "none").splitlines()[2:]]
+    header = across.HEADER
+    table = {(row[header.index("configuration")], row[header.index("setup")].split(", ")[-1]): dict(zip(header, row))
+             for row in rows}
+    assert len(rows) == 3  # lr 0.01 ran one fraction only
+    base = next(s.label for s in data.setups if "0.01" not in s.label).split(", ")[-1]  # train.lr=0.05
+    low = table[("none (max_reset_fraction=0.03)", base)]
+    assert low["ASR"] == f"{statistics.mean([70.0, 50.0]):.2f} ± {statistics.stdev([70.0, 50.0]):.2f}"
+    assert low["selection ASR"] == f"{statistics.mean([71.0, 52.0]):.2f} ± {statistics.stdev([71.0, 52.0]):.2f}"
+    assert low["undefended C-ACC"] == f"{statistics.mean([90.0, 91.0]):.2f} ± {statistics.stdev([90.0, 91.0]):.2f}"
+    assert low["det. precision %"].startswith("85.00 ± ") and low["seeds"] == "0, 1"
+    other = table[("none (max_reset_fraction=0.03)", "train.lr=0.01")]
+    assert (other["ASR"], other["sel. recall %"], other["undefended ASR"], other["seeds"]) == ("5.00", "60.00", "97.00", "0")
+    assert table[("none (max_reset_fraction=0.1)", base)]["C-ACC"].startswith("78.00 ± ")
+    readme = (write_report(store, "synthetic", tmp_path / "reports", tsne_figure=False) / "README.md").read_text()
+    assert readme.index("## NONE across setups") < readme.index("## Setup 1")
+    assert across.table(load(ResultStore(tmp_path / "empty.sqlite"), "synthetic"), "none") is None

@@ -1,6 +1,6 @@
 """Reports rendered from the results store, and only from it (plus the artifact directories
 its rows point to): ``reports/<dataset>/`` (README.md with tables and figures, results.csv,
-results.json, figures/) and ``reports/index.md`` across datasets.
+results.json, figures/) and ``reports/README.md`` across datasets.
 
 Modules: ``collect`` (store -> tidy frame), ``tables`` (markdown), ``figures`` (seaborn),
 ``tsne`` (the features cells stored), ``diagnostics`` (figures defenses ship for their own
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bench.metrics import METRICS
 from bench.report import (
+    across,
     diagnostics,
     exports,
     figures,
@@ -31,11 +32,10 @@ from bench.report.collect import ReportData, Setup, load
 from bench.report.figures import FigureFile
 from bench.report.palette import defense_palette
 from bench.report.summary import focus_name, reduction_factor, write_index
+from bench.report.tables import HEADER
 
 __all__ = ["write_report", "write_index", "load"]
 
-HEADER = ("<!-- Generated from the results store by bench.report (`python -m bench report`); edits are overwritten. "
-          "Put hand-written notes in NOTES.md beside this file: they are included below. -->")
 
 
 def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True, focus: str = "none") -> Path:
@@ -74,6 +74,11 @@ def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True
         if several:
             lines += [f"The store holds {len(data.setups)} setups for {dataset}; they are reported separately, "
                       "the one with most finished cells first.", ""]
+        across_setups = across.table(data, focus) if several else None
+        if across_setups:
+            lines += [f"## {focus_name(focus)} across setups", "",
+                      f"Every configuration of `{focus}` in every setup, mean ± std over seeds (C-ACC, ASR and the "
+                      "selection and detection metrics as in each setup's own tables below).", "", across_setups, ""]
         for number, setup in enumerate(data.setups, start=1):
             prefix = f"s{number}_" if several else ""
             level = "###" if several else "##"

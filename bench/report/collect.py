@@ -42,7 +42,7 @@ def _number(value: Any) -> float:
         return math.nan
 
 
-def _canonical(value: Any) -> str:
+def canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
@@ -56,20 +56,20 @@ def short(value: Any) -> str:
 
 def variant_labels(name: str, configs: list[dict]) -> dict[str, str]:
     """canonical config -> label; the bare name when the plugin has only one configuration."""
-    unique = {_canonical(c): c for c in configs}
+    unique = {canonical(c): c for c in configs}
     if len(unique) == 1:
         return {key: name for key in unique}
     varying = sorted(k for k in set().union(*unique.values())
-                     if len({_canonical(c.get(k)) for c in unique.values()}) > 1)
+                     if len({canonical(c.get(k)) for c in unique.values()}) > 1)
     return {key: f"{name} ({', '.join(f'{k}={short(c.get(k))}' for k in varying)})" for key, c in unique.items()}
 
 
 def varying_fields(configs: list[dict]) -> list[str]:
-    unique = {_canonical(c): c for c in configs}
+    unique = {canonical(c): c for c in configs}
     if len(unique) < 2:
         return []
     return sorted(k for k in set().union(*unique.values())
-                  if len({_canonical(c.get(k)) for c in unique.values()}) > 1)
+                  if len({canonical(c.get(k)) for c in unique.values()}) > 1)
 
 
 @dataclass
@@ -120,7 +120,7 @@ def _sort_key(name: str, config: dict, varying: list[str], reference: bool) -> s
     for key in varying:
         value = config.get(key)
         parts.append(f"{value:020.8f}" if isinstance(value, (int, float)) and not isinstance(value, bool)
-                     and value >= 0 else _canonical(value))
+                     and value >= 0 else canonical(value))
     return "\x00".join(parts)
 
 
@@ -157,7 +157,7 @@ def load(store: ResultStore, dataset: str) -> ReportData:
             "status": cell["status"], "error": cell.get("error") or "", "finished": _number(cell.get("finished")),
             "started": _number(cell.get("started")),
             "attack_config": config.get("attack_config") or {}, "defense_config": config.get("defense_config") or {},
-            "setup_key": _canonical(_setup_fields(config)), "setup_fields": _setup_fields(config),
+            "setup_key": canonical(_setup_fields(config)), "setup_fields": _setup_fields(config),
             # as stored (None for a failed cell), so the JSON export is the store's own record
             "metrics": cell.get("metrics"), "timings": cell.get("timings"), "environment": cell.get("environment"),
             "details": cell.get("details"), "plugins": cell.get("plugins") or [],
@@ -194,7 +194,7 @@ def _latest(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     The same settings get a new cell id when a plugin's or the core's version changes; the
     old result stays in the store but is superseded, and must not be averaged in as an
     extra seed."""
-    identity = frame.apply(lambda r: _canonical([r["setup_key"], r["attack"], r["attack_config"], r["defense"],
+    identity = frame.apply(lambda r: canonical([r["setup_key"], r["attack"], r["attack_config"], r["defense"],
                                                  r["defense_config"], r["seed"]]), axis=1)
     order = frame.assign(_identity=identity, _started=frame["started"].fillna(-1.0))
     order = order.sort_values(["_identity", "_started", "id"], kind="stable")
@@ -215,10 +215,10 @@ def _label(group: pd.DataFrame) -> pd.DataFrame:
         configs = list(sub["attack_config"])
         names, varying = variant_labels(name, configs), varying_fields(configs)
         for config in configs:
-            key = _canonical(config)
+            key = canonical(config)
             labels[(name, key)] = names[key]
             sorts[(name, key)] = _sort_key(name, config, varying, False)
-    keys = [(n, _canonical(c)) for n, c in zip(group["attack"], group["attack_config"])]
+    keys = [(n, canonical(c)) for n, c in zip(group["attack"], group["attack_config"])]
     group["attack_label"] = [labels[k] for k in keys]
     group["attack_sort"] = [sorts[k] for k in keys]
     swept = {name: swept_fields(group, name) for name in group["defense"].unique()}

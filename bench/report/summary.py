@@ -1,4 +1,4 @@
-"""Cross-dataset measures and ``reports/index.md``.
+"""Cross-dataset measures and ``reports/README.md``, the page every dataset's report hangs from.
 
 Per dataset the main setup (most finished cells) is summarised by each defense's default
 variant: mean ASR over the attacks that have a trigger, mean C-ACC over all attacks, over
@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.report.collect import REFERENCE, Setup, load
-from bench.report.tables import DASH, fmt, markdown_table
+from bench.report.tables import DASH, HEADER, fmt, markdown_table
 
 NONE_DEFENSE = "none"
 
@@ -88,8 +88,10 @@ def _mean(values: pd.Series) -> float:
 
 
 def write_index(store, out_dir: Path, focus: str = NONE_DEFENSE) -> Path:
-    """``<out_dir>/index.md``: every dataset's report, the cross-dataset summary table and figure,
-    and the focus defense's ASR reduction factor per dataset and overall."""
+    """``<out_dir>/README.md``: every dataset's report, the cross-dataset summary table and figure,
+    and the focus defense's ASR reduction factor per dataset and overall. README.md, so that a
+    browsed ``reports/`` (or a study's directory) opens on it; NOTES.md beside it is included, as
+    beside a dataset's report."""
     from bench.report.figures import summary as summary_figure
     from bench.report.palette import defense_palette
 
@@ -97,14 +99,13 @@ def write_index(store, out_dir: Path, focus: str = NONE_DEFENSE) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     datasets = store.datasets()
     loaded = {dataset: load(store, dataset) for dataset in datasets}
-    lines = ["<!-- Generated from the results store by bench.report (`python -m bench report`); edits are overwritten. -->",
-             "",
-             "# Backdoor defense benchmark — results", ""]
+    lines = [HEADER, "", "# Backdoor defense benchmark — results", ""]
+    notes_file = out_dir / "NOTES.md"
+    if notes_file.is_file():
+        lines += [notes_file.read_text().strip(), ""]
     if not datasets:
         lines += ["The results store holds no cells yet.", ""]
-        path = out_dir / "index.md"
-        path.write_text("\n".join(lines))
-        return path
+        return _write_index_page(out_dir, lines)
     rows = []
     for dataset, data in loaded.items():
         counts = data.cells["status"].value_counts()
@@ -154,8 +155,15 @@ def write_index(store, out_dir: Path, focus: str = NONE_DEFENSE) -> Path:
     if figure is not None:
         lines += [f"![{figure.title}](summary.png)", "", f"{figure.caption[0].upper() + figure.caption[1:]}. "
                   "[SVG](summary.svg)", ""]
-    path = out_dir / "index.md"
+    return _write_index_page(out_dir, lines)
+
+
+def _write_index_page(out_dir: Path, lines: list[str]) -> Path:
+    path = out_dir / "README.md"
     path.write_text("\n".join(lines))
+    legacy = out_dir / "index.md"  # this page's name before 2026-12-03: a generated one would go stale beside it
+    if legacy.is_file() and legacy.read_text().startswith(HEADER[:60]):
+        legacy.unlink()
     return path
 
 

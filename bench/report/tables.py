@@ -26,6 +26,10 @@ from bench.report.collect import (
     varying_fields,
 )
 
+# First line of every generated page: what made it, and where hand-written notes go instead.
+HEADER = ("<!-- Generated from the results store by bench.report (`python -m bench report`); edits are overwritten. "
+          "Put hand-written notes in NOTES.md beside this file: they are included below. -->")
+
 DASH = "—"
 DIGITS = {"der": 4, "det_flagged": 0, "poisoned": 0}
 
