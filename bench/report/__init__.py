@@ -32,10 +32,8 @@ from bench.report.collect import ReportData, Setup, load
 from bench.report.figures import FigureFile
 from bench.report.palette import defense_palette
 from bench.report.summary import focus_name, reduction_factor, write_index
-from bench.report.tables import HEADER
 
 __all__ = ["write_report", "write_index", "load"]
-
 
 
 def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True, focus: str = "none") -> Path:
@@ -51,10 +49,7 @@ def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True
     exports.write_csv(data, directory / "results.csv")
     exports.write_json(data, directory / "results.json")
     palette = defense_palette(sorted(data.cells["defense"].unique()) if not data.cells.empty else [])
-    lines = [HEADER, "", f"# Backdoor defenses on {dataset}", ""]
-    notes_file = directory / "NOTES.md"
-    if notes_file.is_file():
-        lines += [notes_file.read_text().strip(), ""]
+    lines = tables.page_start(directory, f"Backdoor defenses on {dataset}")
     if plugin_notes:
         lines += ["**Plugins from outside the project** (recorded with the cells):", ""]
         lines += [f"- {note}" for note in plugin_notes] + [""]
@@ -74,7 +69,7 @@ def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True
         if several:
             lines += [f"The store holds {len(data.setups)} setups for {dataset}; they are reported separately, "
                       "the one with most finished cells first.", ""]
-        across_setups = across.table(data, focus) if several else None
+        across_setups = across.table(data, focus)  # None unless several setups hold its cells
         if across_setups:
             lines += [f"## {focus_name(focus)} across setups", "",
                       f"Every configuration of `{focus}` in every setup, mean ± std over seeds (C-ACC, ASR and the "

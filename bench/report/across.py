@@ -54,4 +54,3 @@ def table(data: ReportData, focus: str) -> str | None:
     if not rows:
         return None
     return markdown_table(HEADER, rows, ["l", "l", "l"] + ["r"] * (len(HEADER) - 3))
-

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.report.collect import REFERENCE, Setup, load
-from bench.report.tables import DASH, HEADER, fmt, markdown_table
+from bench.report.tables import DASH, HEADER, fmt, markdown_table, page_start
 
 NONE_DEFENSE = "none"
 
@@ -99,10 +99,7 @@ def write_index(store, out_dir: Path, focus: str = NONE_DEFENSE) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     datasets = store.datasets()
     loaded = {dataset: load(store, dataset) for dataset in datasets}
-    lines = [HEADER, "", "# Backdoor defense benchmark — results", ""]
-    notes_file = out_dir / "NOTES.md"
-    if notes_file.is_file():
-        lines += [notes_file.read_text().strip(), ""]
+    lines = page_start(out_dir, "Backdoor defense benchmark — results")
     if not datasets:
         lines += ["The results store holds no cells yet.", ""]
         return _write_index_page(out_dir, lines)

@@ -30,6 +30,16 @@ from bench.report.collect import (
 HEADER = ("<!-- Generated from the results store by bench.report (`python -m bench report`); edits are overwritten. "
           "Put hand-written notes in NOTES.md beside this file: they are included below. -->")
 
+
+def page_start(directory, title: str) -> list[str]:
+    """The first lines of a generated page in ``directory``: HEADER, the title, then NOTES.md
+    beside the page, verbatim, when there is one."""
+    lines = [HEADER, "", f"# {title}", ""]
+    notes = directory / "NOTES.md"
+    if notes.is_file():
+        lines += [notes.read_text().strip(), ""]
+    return lines
+
 DASH = "—"
 DIGITS = {"der": 4, "det_flagged": 0, "poisoned": 0}
 
