@@ -62,7 +62,10 @@ class ResNetBody(nn.Module):
                 layers.append(BasicBlock(c_in, width, 2 if (index > 0 and block == 0) else 1, make))
                 c_in = width
             stages.append(nn.Sequential(*layers))
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        # layer1, layer2, ...: the names the paper's ResNet-18 uses, whatever the number of stages
+        self.stage_names = [f"layer{index + 1}" for index in range(len(stages))]
+        for name, stage in zip(self.stage_names, stages):
+            setattr(self, name, stage)
         # The paper pools 4x4 at 32 px, i.e. globally; adaptive pooling keeps that at every size.
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.num_features = c_in
@@ -75,7 +78,8 @@ class ResNetBody(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        for name in self.stage_names:
+            out = getattr(self, name)(out)
         return torch.flatten(self.pool(out), 1)
 
 
@@ -99,6 +103,24 @@ def resnet18_w16(info: DatasetInfo) -> ImageClassifier:
     Unlike ``small-cnn`` it has residual adds and a BatchNorm after every convolution, as the
     paper's models (Wang et al. 2022) do."""
     body = ResNetBody(info.channels, "relu", widths=(16, 32, 64, 128))
+    return ImageClassifier(body, body.num_features, info)
+
+
+@register_model("resnet10-w16")
+def resnet10_w16(info: DatasetInfo) -> ImageClassifier:
+    """``resnet18-w16`` with one basic block per stage instead of two (16-32-64-128): the same four
+    stages, projection shortcuts and BatchNorm placement at about half the convolutions."""
+    body = ResNetBody(info.channels, "relu", blocks=(1, 1, 1, 1), widths=(16, 32, 64, 128))
+    return ImageClassifier(body, body.num_features, info)
+
+
+@register_model("resnet8-w16")
+def resnet8_w16(info: DatasetInfo) -> ImageClassifier:
+    """The smallest residual network here: a 3x3 stem and three stages of one basic block
+    (16-32-64 channels, stride 2 between stages), as the CIFAR ResNets of He et al. (2016, section
+    4.2) with n = 1, but with ``resnet18``'s projection shortcuts. Residual adds and a BatchNorm
+    after every convolution, like the paper's models, at about a third of ``resnet18-w16``'s cost."""
+    body = ResNetBody(info.channels, "relu", blocks=(1, 1, 1), widths=(16, 32, 64))
     return ImageClassifier(body, body.num_features, info)
 
 
