@@ -2,18 +2,18 @@
 
 The package, in four layers (each imports only from the layers above it):
 
-- contracts: ``registry`` (plugins by decorator), ``attack`` and ``defense`` (the plugin APIs),
-  ``data`` and ``models`` (what is trained), ``config`` and ``errors``;
+- contracts: ``registry`` (plugins by decorator), ``attack``, ``defense`` and ``metric`` (the
+  plugin APIs), ``data`` and ``models`` (what is trained), ``units`` (a model's layers and
+  channels, from one traced forward pass), ``config`` and ``errors``;
 - compute: ``engine`` (the one training loop), ``spec`` (stage and cell identities),
   ``workspace`` (per-process caches), ``artifacts`` (verified files), ``cell`` (the two
-  pipelines) and ``metrics`` (every stored metric, declared once);
+  pipelines) and ``metrics`` (one plugin per metric);
 - orchestration: ``grid`` (names and overrides to cells), ``runner``, ``executors`` (local, Ray)
   and ``store`` (SQLite results and claims);
-- interface: ``cli`` and ``report`` (which reads only the store and the artifacts).
+- interface: ``cli`` and ``reporting`` (which writes reports/ from the store and the artifacts only).
 """
 __version__ = "0.1.0"
-# Bump when core code changes what a stage or cell computes: finished results then rerun.
+# Bump when core code changes what a stage or cell computes: finished results then rerun. A
+# metric has a version of its own (bench/metric.py): bumping it re-measures, never re-runs.
 STAGE_VERSION = "1"
-CELL_VERSION = "1"
-# Bump when bench/metrics/reasr.py changes what REASR measures: only cells that scan rerun.
-SCAN_VERSION = "2"
+CELL_VERSION = "2"  # 2: metrics measured apart from the cell's identity

@@ -2,8 +2,10 @@
 
 Each is a pure function of its spec (bench/spec.py) and the cached stages. Running one writes
 artifacts under ``<artifacts>/<id>/`` (bench/artifacts.py: atomically, with every file's sha256,
-verified before reuse) and returns its outcome; only the runner writes the store. What a cell
-measures is computed here from model predictions, by the functions of ``bench.metrics``.
+verified before reuse) and returns its outcome; only the runner writes the store. A cell then
+runs every metric plugin its spec lists (bench/metric.py), from model predictions; a finished
+cell that lacks a metric, or holds it under another key, gets only that metric measured, on its
+stored model, and its artifact directory rewritten with the new values.
 """
 from __future__ import annotations
 
@@ -14,18 +16,19 @@ import time
 
 import torch
 from rich.markup import escape
-from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from bench import engine, progress
 from bench.artifacts import ArtifactWriter, CorruptArtifact, finished
 from bench.attack import Attack, AttackContext
 from bench.config import build_config
-from bench.data.base import DatasetInfo, ImageSet
-from bench.defense import Defense, DefenseContext, DefenseResult
-from bench.metrics import accuracy
+from bench.data.base import ImageSet
+from bench.defense import Defense, DefenseContext
+from bench.metric import MeasureContext
+from bench.metrics.accuracy import evaluate
 from bench.models.base import build_model
-from bench.registry import DEFENSES
-from bench.spec import CellSpec, EvalConfig, StageSpec, content_hash
+from bench.registry import DEFENSES, METRICS
+from bench.spec import CellSpec, StageSpec
 from bench.workspace import Workspace, environment, peak_memory_mb
 
 
@@ -43,21 +46,6 @@ def ready_stage(spec: StageSpec, ws: Workspace) -> tuple[dict, torch.nn.Module, 
     return result, model, attack
 
 
-def evaluate(model: torch.nn.Module, attack: Attack, test: ImageSet, triggered, batch_size: int,
-             limit: int | None = None) -> dict[str, float | None]:
-    """C-ACC on the clean test set; ASR and RA on its triggered part (from predictions)."""
-    x_clean, y_clean = (test.x, test.y) if limit is None else (test.x[:limit], test.y[:limit])
-    result: dict[str, float | None] = {"c_acc": accuracy.clean_accuracy(engine.predict(model, x_clean, batch_size), y_clean)}
-    if attack.has_trigger:
-        x_trig, y_true, y_target = triggered if limit is None else (t[:limit] for t in triggered)
-        predictions = engine.predict(model, x_trig, batch_size)
-        result["asr"] = accuracy.attack_success_rate(predictions, y_target)
-        result["ra"] = accuracy.robust_accuracy(predictions, y_true)
-    else:
-        result["asr"] = result["ra"] = None
-    return result
-
-
 def curve_monitor(attack: Attack, test: ImageSet, triggered, spec: StageSpec):
     if spec.curve_samples <= 0:
         return None
@@ -66,8 +54,8 @@ def curve_monitor(attack: Attack, test: ImageSet, triggered, spec: StageSpec):
         # A trigger that trains with the model (triggered is None) is re-stamped on the curve subset.
         current = triggered if triggered is not None else attack.triggered_test_set(
             ImageSet(test.x[:spec.curve_samples], test.y[:spec.curve_samples]))
-        return {f"test_{k}": v for k, v in evaluate(model, attack, test, current, spec.eval_batch_size,
-                                                     limit=spec.curve_samples).items()}
+        return {f"test_{k}": v for k, v in evaluate(model, test.x, test.y, current if attack.has_trigger else None,
+                                                     spec.eval_batch_size, limit=spec.curve_samples).items()}
 
     return monitor
 
@@ -117,7 +105,7 @@ def run_attack_stage(spec: StageSpec, ws: Workspace) -> dict:
         if triggered is None:
             ws.forget_triggered(spec)
             triggered = ws.triggered(spec, attack, test)
-        result_metrics = evaluate(model, attack, test, triggered, spec.eval_batch_size)
+        result_metrics = evaluate(model, test.x, test.y, triggered if attack.has_trigger else None, spec.eval_batch_size)
         timings["eval_s"] = round(time.perf_counter() - t0, 3)
         result_metrics.update(poison_rate=round(100 * poisoned.achieved_rate, 2), poisoned=len(poisoned.poisoned_indices))
         save_model(model, str(writer.tmp / "model.safetensors"))
@@ -143,54 +131,14 @@ def _benign_model(spec: StageSpec, ws: Workspace) -> torch.nn.Module:
     return ready_stage(spec.benign(), ws)[1]
 
 
-def poisoned_indices(ws: Workspace, spec: StageSpec) -> torch.Tensor:
-    return load_file(str(ws.stage_dir(spec) / "poison.safetensors"))["poisoned_indices"]
-
-
-def reverse_engineer(model: torch.nn.Module, test: ImageSet, info: DatasetInfo, scan_config: dict):
-    """REASR of a model: (max over bounds, details per bound, reversed triggers as tensors)."""
-    from bench.metrics.reasr import ScanConfig, scan
-
-    config = build_config(ScanConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in scan_config.items()})
-    result = scan(model, test, info, config)
-    details, tensors = result.to_json(), result.tensors()
-    return result.max_reasr, details, tensors
-
-
-def scan_cell_model(outcome: DefenseResult, stage: StageSpec, ws: Workspace, test: ImageSet, info: DatasetInfo,
-                    scan_config: dict, out_dir) -> tuple[float, dict]:
-    """REASR of the cell's model, with its reversed triggers written to ``out_dir/scan.safetensors``.
-
-    A model the defense left unchanged is the stage's own, and a scan is a deterministic function of
-    the model and its settings: it is computed once per stage and settings, in its own artifact
-    directory (``<artifacts>/<stage id>-scan-<settings hash>/``, verified like any other), and every
-    such cell reuses it. On the benign row that is the undefended cell and each defense that found
-    nothing to change (CLP, NC): two to three scans of ten."""
-    if not outcome.unchanged:
-        reasr, details, tensors = reverse_engineer(outcome.model, test, info, scan_config)
-        save_file(tensors, str(out_dir / "scan.safetensors"))
-        return reasr, details
-    shared = ws.root / f"{stage.id}-scan-{content_hash(scan_config)}"
-    cached = finished(shared, progress.log)
-    if cached is None:
-        writer = ArtifactWriter(shared)
-        try:
-            reasr, details, tensors = reverse_engineer(outcome.model, test, info, scan_config)
-            save_file(tensors, str(writer.tmp / "scan.safetensors"))
-            cached = writer.commit({"reasr": reasr, "details": details})
-        except BaseException:
-            writer.discard()
-            raise
-    shutil.copyfile(shared / "scan.safetensors", out_dir / "scan.safetensors")
-    return cached["reasr"], {**cached["details"], "shared": shared.name}
-
-
 def run_defense_cell(spec: CellSpec, ws: Workspace) -> dict:
-    """Apply a defense to the cached undefended model of the cell's stage and evaluate it."""
+    """Apply a defense to the cached undefended model of the cell's stage and measure its metrics;
+    a finished cell only gets the metrics it lacks."""
     directory = ws.root / spec.id
     cached = finished(directory, progress.log)
     if cached is not None:
-        return cached
+        missing = missing_metrics(spec, cached)
+        return remeasure(spec, ws, cached, missing) if missing else cached
     stage = spec.stage
     stage_result, undefended_model, attack = ready_stage(stage, ws)
     info, reserve, train, test = ws.split(stage)
@@ -214,26 +162,14 @@ def run_defense_cell(spec: CellSpec, ws: Workspace) -> dict:
         t0 = time.perf_counter()
         outcome = defense.run(ctx)
         defense_s = round(time.perf_counter() - t0, 3)
-        t0 = time.perf_counter()
-        result_metrics = evaluate(outcome.model, attack, test, triggered, stage.eval_batch_size)
-        eval_s = round(time.perf_counter() - t0, 3)
-        undefended = stage_result["metrics"]
-        if attack.has_trigger:
-            result_metrics["der"] = accuracy.defense_effectiveness_rating(
-                undefended["asr"], result_metrics["asr"], undefended["c_acc"], result_metrics["c_acc"])
-        else:
-            result_metrics["der"] = None
-        if outcome.flagged is not None:
-            from bench.metrics.detection import detection_metrics
-
-            result_metrics.update(detection_metrics(outcome.flagged, poisoned.poisoned_indices, len(train)))
-        extras_s = measure_extras(spec, ws, outcome, attack, test, triggered, result_metrics, writer)
-        scan_s = None
-        if spec.scan is not None:
-            t0 = time.perf_counter()
-            result_metrics["reasr"], outcome.details["scan"] = scan_cell_model(outcome, stage, ws, test, info, spec.scan,
-                                                                               writer.tmp)
-            scan_s = round(time.perf_counter() - t0, 3)
+        outcome.model.eval()
+        measure_ctx = MeasureContext(
+            spec=spec, model=outcome.model, unchanged=outcome.unchanged, attack=attack, info=info, test=test,
+            triggered=triggered if attack.has_trigger else None, train=poisoned.train,
+            poisoned_indices=poisoned.poisoned_indices, flagged=outcome.flagged, selection=outcome.selection,
+            undefended_metrics=stage_result["metrics"], undefended_model=lambda: ws.load_stage(stage)[0],
+            device=ws.device, out_dir=writer.tmp, shared=ws, log=ctx.log)
+        values, measurements = measure(spec, measure_ctx, list(spec.metrics))
         if not outcome.unchanged:
             save_model(outcome.model, str(writer.tmp / "model.safetensors"))
         tensors = dict(outcome.tensors)
@@ -243,12 +179,17 @@ def run_defense_cell(spec: CellSpec, ws: Workspace) -> dict:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(writer.tmp / "defense.safetensors"))
         with open(writer.tmp / "history.json", "w") as handle:
             json.dump(outcome.history, handle, default=float)
-        result = {"id": spec.id, "stage_id": stage.id, "spec": spec.to_json(), "metrics": result_metrics,
-                  "undefended": {k: undefended.get(k) for k in ("c_acc", "asr", "ra")},
-                  "timings": {"attack_s": stage_result["timings"].get("total_s"), "defense_s": defense_s, "eval_s": eval_s,
-                              **({"scan_s": scan_s} if scan_s is not None else {}), **extras_s},
+        figures_error = draw_defense_figures(defense_cls, writer.tmp, outcome.details, poisoned.poisoned_indices)
+        if figures_error:
+            outcome.details["figures_error"] = figures_error
+        undefended = stage_result["metrics"]
+        result = {"id": spec.id, "stage_id": stage.id, "spec": spec.to_json(), "metrics": values,
+                  "measurements": measurements, "undefended": {k: undefended.get(k) for k in ("c_acc", "asr", "ra")},
+                  "timings": {"attack_s": stage_result["timings"].get("total_s"), "defense_s": defense_s,
+                              **metric_timings(measurements)},
                   "peak_memory_mb": peak_memory_mb(ws.device), "environment": environment(ws.device),
-                  "details": outcome.details, "wall": wall_span(started_at)}
+                  "details": outcome.details, "unchanged": outcome.unchanged,
+                  "selection": outcome.selection, "wall": wall_span(started_at)}
         result = writer.commit(result)
     except BaseException:
         writer.discard()
@@ -256,55 +197,96 @@ def run_defense_cell(spec: CellSpec, ws: Workspace) -> dict:
     return result
 
 
-def measure_extras(spec: CellSpec, ws: Workspace, outcome: DefenseResult, attack: Attack, test: ImageSet, triggered,
-                   result_metrics: dict, writer: ArtifactWriter) -> dict[str, float]:
-    """The cell's ``evaluation`` measurements (bench.spec.EvalConfig): selection quality when the
-    defense declares the units it ablated, and penultimate features for the report's t-SNE.
-    Returns their timings; metrics go into ``result_metrics``, details into ``outcome.details``."""
-    if spec.evaluation is None:
-        return {}
-    config = build_config(EvalConfig, spec.evaluation, "eval.")
-    timings: dict[str, float] = {}
+def measure(spec: CellSpec, ctx: MeasureContext, names: list[str]) -> tuple[dict, dict]:
+    """Run the named metrics on one cell: (column values, {name: {"key", "seconds", "details"}})."""
+    keys = spec.metric_keys()
+    values: dict = {}
+    measurements: dict = {}
+    for name in names:
+        metric_cls = METRICS.get(name)
+        metric = metric_cls(build_config(metric_cls.Config, spec.metrics[name], f"metric.{name}."))
+        t0 = time.perf_counter()
+        measured = metric.measure(ctx)
+        declared = {column.name for column in metric_cls.columns}
+        unknown = sorted(set(measured.values) - declared)
+        if unknown:
+            raise ValueError(f"metric {name!r} returned values for undeclared columns {unknown}; "
+                             f"its columns: {sorted(declared)}")
+        values.update(measured.values)
+        measurements[name] = {"key": keys[name], "seconds": round(time.perf_counter() - t0, 3),
+                              "details": measured.details}
+    return values, measurements
+
+
+def metric_timings(measurements: dict) -> dict[str, float]:
+    seconds = {f"{name}_s": entry["seconds"] for name, entry in measurements.items()}
+    return {**seconds, "metrics_s": round(sum(seconds.values()), 3)}
+
+
+def missing_metrics(spec: CellSpec, result: dict) -> list[str]:
+    """The metrics of the spec that the finished result lacks, or holds under another key."""
+    stored = result.get("measurements") or {}
+    return [name for name, key in spec.metric_keys().items() if (stored.get(name) or {}).get("key") != key]
+
+
+def remeasure(spec: CellSpec, ws: Workspace, cached: dict, names: list[str]) -> dict:
+    """Measure ``names`` on a finished cell, from its stored model and outcome, and rewrite its
+    artifact directory (the other files are copied unchanged) with the merged result."""
     stage = spec.stage
-    if config.oracle_samples > 0 and outcome.selection is not None and attack.has_trigger:
-        from bench.metrics.selection import BATCH_SIZE, selection_quality
+    directory = ws.root / spec.id
+    progress.log(f"{spec.label()}: measuring {', '.join(names)} on the finished cell")
+    stage_result, _, attack = ready_stage(stage, ws)
+    info, _, train, test = ws.split(stage)
+    poisoned = attack.poison(train)
+    triggered = ws.triggered(stage, attack, test)
+    if cached.get("unchanged"):
+        model = ws.load_stage(stage)[0]
+    else:
+        model = build_model(stage.model, info).to(ws.device)
+        load_model(model, str(directory / "model.safetensors"), device=str(ws.device))
+    flagged = None
+    if (directory / "defense.safetensors").is_file():
+        flagged = load_file(str(directory / "defense.safetensors"), device=str(ws.device)).get("flagged")
+    writer = ArtifactWriter(directory)
+    try:
+        for path in directory.iterdir():
+            if path.is_file() and path.name != "result.json":
+                shutil.copyfile(path, writer.tmp / path.name)
+        ctx = MeasureContext(
+            spec=spec, model=model.eval(), unchanged=bool(cached.get("unchanged")), attack=attack, info=info, test=test,
+            triggered=triggered if attack.has_trigger else None, train=poisoned.train,
+            poisoned_indices=poisoned.poisoned_indices, flagged=flagged, selection=cached.get("selection"),
+            undefended_metrics=stage_result["metrics"], undefended_model=lambda: ws.load_stage(stage)[0],
+            device=ws.device, out_dir=writer.tmp, shared=ws,
+            log=lambda message: progress.log(escape(f"[{spec.defense}] {message}")))
+        values, measurements = measure(spec, ctx, names)
+        result = {key: value for key, value in cached.items() if key != "files"}
+        # a re-measured metric's old values go, even those it no longer defines for this cell
+        replaced = {column.name for name in names for column in METRICS.get(name).columns}
+        result["metrics"] = {**{k: v for k, v in (cached.get("metrics") or {}).items() if k not in replaced}, **values}
+        result["measurements"] = {**(cached.get("measurements") or {}), **measurements}
+        defense_timings = {k: v for k, v in (cached.get("timings") or {}).items() if k in ("attack_s", "defense_s")}
+        result["timings"] = {**defense_timings, **metric_timings(result["measurements"])}
+        result["spec"] = spec.to_json()
+        result = writer.commit(result)
+    except BaseException:
+        writer.discard()
+        raise
+    return result
 
-        t0 = time.perf_counter()
-        undefended = ws.load_stage(stage)[0]  # a fresh copy: the defense may have changed its own in place
-        x_trig, _, y_target = (t[:config.oracle_samples] for t in triggered)
-        # the CPU is fastest at the oracle's own batch (measured there); a GPU wants the profile's larger one
-        batch_size = max(BATCH_SIZE, stage.eval_batch_size) if ws.device.type == "cuda" else BATCH_SIZE
-        quality = selection_quality(undefended, outcome.selection, x_trig, y_target, batch_size)
-        result_metrics.update(quality.metrics())
-        outcome.details["selection"] = quality.to_json()
-        del undefended
-        timings["oracle_s"] = round(time.perf_counter() - t0, 3)
-    if config.feature_samples > 0 and hasattr(outcome.model, "features") and hasattr(outcome.model, "classifier"):
-        t0 = time.perf_counter()
-        save_file(penultimate_features(outcome.model, test, triggered if attack.has_trigger else None,
-                                       config.feature_samples, stage.seed, stage.eval_batch_size),
-                  str(writer.tmp / "features.safetensors"))
-        timings["features_s"] = round(time.perf_counter() - t0, 3)
-    return timings
 
+def draw_defense_figures(defense_cls, directory, details: dict, poisoned_indices) -> str | None:
+    """The defense's own report figures (``Defense.report_figures``), drawn into the cell's
+    directory with the stage's ground truth, which only this step (never the defense's run) sees;
+    the report copies them, so it never needs the defense's code. A figure bug costs the figure,
+    not the cell: the error is returned, stored with the cell and shown by the report."""
+    from bench.defense import Defense
 
-@torch.no_grad()
-def penultimate_features(model: torch.nn.Module, test: ImageSet, triggered, samples: int, seed: int,
-                         batch_size: int) -> dict[str, torch.Tensor]:
-    """Penultimate features of ``samples`` clean test images and as many triggered ones (the same
-    images for every cell of a stage), with their true labels, the attack's targets and the model's
-    predictions: what the report's t-SNE draws, so that it never rebuilds a model."""
-    generator = torch.Generator().manual_seed(seed)
-    clean = torch.randperm(len(test), generator=generator)[:samples].to(test.x.device)
-    parts = {"clean": (test.x[clean], test.y[clean], torch.full((len(clean),), -1, dtype=torch.long, device=test.y.device))}
-    if triggered is not None:
-        x_trig, y_true, y_target = triggered
-        chosen = torch.randperm(len(x_trig), generator=generator)[:samples].to(x_trig.device)
-        parts["triggered"] = (x_trig[chosen], y_true[chosen], y_target[chosen])
-    x = torch.cat([part[0] for part in parts.values()])
-    features = engine.infer(model, x, lambda batch: model.features(batch).flatten(1).float(), batch_size)
-    predicted = model.classifier(features).argmax(1)  # from the same pass: the head is one linear layer
-    return {"features": features.cpu(), "labels": torch.cat([part[1] for part in parts.values()]).cpu().long(),
-            "targets": torch.cat([part[2] for part in parts.values()]).cpu().long(),
-            "predicted": predicted.cpu(),
-            "triggered": torch.cat([torch.full((len(part[0]),), name == "triggered") for name, part in parts.items()])}
+    if getattr(defense_cls.report_figures, "__func__", None) is getattr(Defense.report_figures, "__func__", None):
+        return None
+    try:
+        defense_cls.report_figures(directory, details, poisoned_indices.cpu())
+    except Exception as exc:
+        progress.log(f"[yellow]{defense_cls.registered_name} figures failed: {exc.__class__.__name__}: {exc}[/yellow]")
+        return f"{exc.__class__.__name__}: {exc}"
+    return None

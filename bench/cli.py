@@ -12,6 +12,7 @@ from bench.registry import (
     ATTACKS,
     DATASETS,
     DEFENSES,
+    METRICS,
     MODELS,
     PROFILES,
     load_builtin_plugins,
@@ -26,7 +27,7 @@ examples:
   python -m bench run --dataset synthetic --profile smoke --attacks badnets --defenses undefended,none
   python -m bench run --attacks badnets -o defense.none.max_reset_fraction=0.03,0.1   # a sweep: one cell per value
   python -m bench run -o train.epochs=20 -o attack.badnets.poison_rate=0.05
-  python -m bench run --seeds 0,1,2 -o eval.oracle_samples=0     # three seeds, no selection oracle
+  python -m bench run --seeds 0,1,2 -o metric.selection.samples=0   # three seeds, no selection oracle
   python -m bench run --plugin docs/examples/spectral.py --defenses undefended,spectral   # runs the file's code
   python -m bench run --dataset synthetic --dry-run     # what would run, and what is already done
 
@@ -35,8 +36,9 @@ overrides (-o KEY=VALUE, repeatable; a comma list sweeps):
   defense.<defense>.<field>  fields of that defense's Config
   train.<field>              the attack stage's training recipe (epochs, lr, batch_size, optimizer, ...)
   finetune.<field>           the fine-tuning recipe defenses start from
-  eval.<field>               what cells measure besides the metrics: oracle_samples (selection
-                             oracle), feature_samples (t-SNE); 0 turns one off; one value, no sweep
+  metric.<metric>.<field>    settings of that metric's Config (selection.samples, reasr.rows, ...);
+                             one value, no sweep. Metrics are not part of a cell's identity: a new
+                             setting re-measures the finished cells, never re-runs a defense
 
 Finished cells are skipped, so the same command resumes an interrupted grid. Runners that
 share a store split the grid: start the same command in a second shell (or on a second machine
@@ -51,6 +53,7 @@ examples:
   python -m bench report                                # every dataset in runs/bench.sqlite -> runs/reports/
   python -m bench report --dataset synthetic --focus fp --no-tsne
   python -m bench report --store runs/bench.sqlite --reports reports   # what make bench writes
+  python -m bench report --reference docs/reference/backdoorbench-cifar10.json   # published outcomes reproduced?
 
 Reports read only the store and the artifact directories beside it: tables, figures and a
 Reproduce command per setup. NOTES.md beside a report's README.md is included verbatim.
@@ -59,6 +62,7 @@ Reproduce command per setup. NOTES.md beside a report's README.md is included ve
 RESULTS_EPILOG = """\
 examples:
   python -m bench results                               # a table of every cell
+  python -m bench results --metrics accuracy,selection  # with the selection metrics beside
   python -m bench results --dataset synthetic --format json
 """
 
@@ -94,7 +98,7 @@ class OneLineErrors(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrors(prog="python -m bench", description="Benchmark backdoor defenses: every attack x defense, "
                                      "the same splits and metrics, results in one SQLite store.")
-    plugin_help = ("import a plugin file (attack, defense, dataset or model); repeatable. "
+    plugin_help = ("import a plugin file (attack, defense, metric, dataset or model); repeatable. "
                    "It runs the file's code, as any Python import does")
     parser.add_argument("--plugin", dest="plugins_before", action="append", default=[], metavar="FILE.py", help=plugin_help)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineErrors)
@@ -120,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--artifacts", type=Path, default=None,
                      help="artifact directory (default: beside the store); on a cluster, a path every node can reach")
     run.add_argument("--scan", default=None, choices=("benign", "all", "off"),
-                     help="rows whose models get the REASR trigger-inversion scan (default: the profile's, benign)")
+                     help="rows whose models get the REASR trigger-inversion scan (default: benign); "
+                          "the same as -o metric.reasr.rows=...")
     run.add_argument("--retry-failed", action="store_true", help="also re-run cells recorded as failed")
     run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     run.add_argument("--dry-run", action="store_true",
@@ -130,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="report directory (default: reports/ beside the store, so a scratch store never "
                           "overwrites another run's report)")
     run.add_argument("--no-tsne", action="store_true", help="skip the report's t-SNE figure")
-    run.add_argument("--focus", default="none", metavar="DEFENSE",
-                     help="the report's focus defense: headline ASR reduction factor and t-SNE panel (default: none, "
-                          "i.e. NONE)")
+    run.add_argument("--focus", default=None, metavar="DEFENSE",
+                     help="the report's focus defense: headline ASR reduction factor and t-SNE panel (default: the "
+                          "defense the benchmark centres on, NONE)")
 
     lister = commands.add_parser("list", help="list datasets, models, attacks, defenses and profiles")
     lister.add_argument("--verbose", "-v", action="store_true", help="also show each plugin's configurable fields")
@@ -143,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--store", type=Path, default=DEFAULT_STORE)
     results.add_argument("--format", choices=("table", "csv", "json"), default="table")
     results.add_argument("--dataset", default=None)
+    results.add_argument("--metrics", default="accuracy", metavar="NAMES",
+                         help="the table's metrics, a comma list or 'all' (default: accuracy); csv and json hold all")
 
     report = commands.add_parser("report", help="write reports/<dataset>/ and reports/README.md from the store",
                                  epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,8 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", "--reports", dest="out", type=Path, default=None,
                         help="report directory (default: reports/ beside the store)")
     report.add_argument("--no-tsne", action="store_true", help="skip the t-SNE figure")
-    report.add_argument("--focus", default="none", metavar="DEFENSE",
-                        help="the focus defense: headline ASR reduction factor and t-SNE panel (default: none, i.e. NONE)")
+    report.add_argument("--reference", type=Path, default=None, metavar="FILE.json",
+                        help="score every setup against published outcomes (docs/reference/backdoorbench-cifar10.json)")
+    report.add_argument("--focus", default=None, metavar="DEFENSE",
+                        help="the focus defense: headline ASR reduction factor and t-SNE panel (default: the defense "
+                             "the store records as the benchmark's focus, NONE)")
     for command in (run, lister, results, report):  # --plugin also after the command's name
         command.add_argument("--plugin", dest="plugins_after", action="append", default=[], metavar="FILE.py",
                              help=plugin_help)
@@ -170,6 +180,7 @@ def plugin_sections():
     return [("datasets", DATASETS, lambda o: f"{describe(o)} [{o.info.num_classes} classes, {'x'.join(map(str, o.info.shape))}]"),
             ("models", MODELS, describe), ("attacks", ATTACKS, describe),
             ("defenses", DEFENSES, lambda o: f"({o.kind}) {describe(o)}"),
+            ("metrics", METRICS, lambda o: f"{describe(o)} [{', '.join(c.name for c in o.columns) or 'no column'}]"),
             ("profiles", PROFILES, lambda o: o.description)]
 
 
@@ -231,8 +242,9 @@ def command_run(args) -> None:
     request = GridRequest(dataset=args.dataset, profile=args.profile, model=args.model,
                           attacks=_split(args.attacks, "--attacks", ATTACKS.names()),
                           defenses=_split(args.defenses, "--defenses", DEFENSES.names()), seeds=_seeds(args.seeds),
-                          overrides=args.override, scan_rows=args.scan)
-    DEFENSES.get(args.focus)  # a typo in --focus fails now, not after the grid
+                          overrides=args.override + ([f"metric.reasr.rows={args.scan}"] if args.scan else []))
+    if args.focus is not None:
+        DEFENSES.get(args.focus)  # a typo in --focus fails now, not after the grid
     options = RunOptions(store=args.store, device=args.device, executor=args.executor, retry_failed=args.retry_failed,
                          artifacts=args.artifacts, address=args.address, gpus_per_cell=args.gpus_per_cell,
                          plugins=list(args.plugin))
@@ -244,9 +256,9 @@ def command_run(args) -> None:
     cells = run_grid(request, options)
     store = ResultStore(args.store)
     rows = summary_rows(cells, store)
-    print_summary(rows)
+    print_summary(rows, store.catalog())
     if not args.no_report:
-        from bench.report import write_index, write_report
+        from bench.reporting import write_index, write_report
 
         reports = args.reports or args.store.parent / "reports"
         path = write_report(store, args.dataset, reports, tsne_figure=not args.no_tsne, focus=args.focus)
@@ -279,19 +291,22 @@ def fmt(value) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def print_summary(rows: list[dict]) -> None:
-    """C-ACC / ASR / RA / DER per attack x defense (mean over seeds and sweeps shown separately)."""
+def print_summary(rows: list[dict], catalog: dict, metrics: list[str] | None = None) -> None:
+    """One line per cell with the columns of ``metrics`` (default: accuracy's C-ACC, ASR, RA, DER),
+    named as the store's catalog records them."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="C-ACC / ASR / RA (DER)", title_justify="left")
-    for column in ("attack", "defense", "seed", "status", "C-ACC", "ASR", "RA", "DER"):
-        table.add_column(column)
+    recorded = catalog.get("metric", {})
+    columns = [column for name in (metrics or ["accuracy"]) for column in recorded.get(name, {}).get("columns", [])]
+    table = Table(title=" / ".join(column["display"] for column in columns), title_justify="left")
+    for header in ("attack", "defense", "seed", "status", *(column["display"] for column in columns)):
+        table.add_column(header)
     for row in rows:
-        metrics = row.get("metrics") or {}
+        values = row.get("metrics") or {}
         status = row["status"] if row["status"] != "failed" else f"failed: {(row.get('error') or '').splitlines()[0][:60]}"
-        table.add_row(row["attack"], _defense_label(row), str(row["seed"]), status, fmt(metrics.get("c_acc")),
-                      fmt(metrics.get("asr")), fmt(metrics.get("ra")), fmt(metrics.get("der")))
+        table.add_row(row["attack"], _defense_label(row), str(row["seed"]), status,
+                      *(fmt(values.get(column["name"])) for column in columns))
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)  # logs and pipes get whole lines
@@ -335,12 +350,18 @@ def command_results(args) -> None:
                              row["status"], (row.get("error") or "").splitlines()[0] if row.get("error") else "",
                              *[metrics.get(name, "") for name in metric_names], json.dumps(row["config"], sort_keys=True)])
     else:
-        print_summary(rows)
+        catalog = store.catalog()
+        recorded = sorted(catalog.get("metric", {}))
+        metrics = recorded if args.metrics.strip() == "all" else [m.strip() for m in args.metrics.split(",") if m.strip()]
+        unknown = [name for name in metrics if name not in recorded]
+        if unknown:
+            raise BenchError(f"unknown metric {unknown[0]!r} in --metrics; the store records: {', '.join(recorded) or '(none)'}")
+        print_summary(rows, catalog, metrics)
 
 
 def command_report(args) -> None:
     from bench import progress
-    from bench.report import write_index, write_report
+    from bench.reporting import write_index, write_report
     from bench.store import ResultStore
 
     store = ResultStore(args.store, create=False)
@@ -349,11 +370,15 @@ def command_report(args) -> None:
     if not datasets:
         raise BenchError(f"the store {args.store} holds no cells yet")
     known = set(DEFENSES.names()) | {cell["defense"] for cell in store.cells()}
-    if args.focus not in known:
+    if args.focus is not None and args.focus not in known:
         raise BenchError(f"unknown focus defense {args.focus!r}; valid: {', '.join(sorted(known))}")
+    if args.reference is not None:
+        from bench.reporting.reference import Reference
+
+        Reference.load(args.reference)  # a bad file fails now, in one line, not mid-report
     for dataset in datasets:
-        progress.log(f"report: {write_report(store, dataset, out, tsne_figure=not args.no_tsne, focus=args.focus)}")
-    progress.log(f"index: {write_index(store, out, args.focus)}")
+        progress.log(f"report: {write_report(store, dataset, out, tsne_figure=not args.no_tsne, focus=args.focus, reference=args.reference)}")
+    progress.log(f"index: {write_index(store, out, args.focus, args.reference)}")
 
 
 def _interrupt_on_sigterm():

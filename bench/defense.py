@@ -107,14 +107,29 @@ class Defense:
         """Defend: return the defended model (and, optionally, the flagged samples)."""
         raise NotImplementedError
 
-    # The report's hook: a defense may ship figures of its own, drawn from what its cell stored.
+    # What the report shows of the defense (recorded in the results store at run time, so a
+    # report never needs the defense's code): its name in tables and legends; ``focus``: the
+    # defense the benchmark centres on (the report's default focus: headline ASR reduction factor,
+    # t-SNE panel, fixed colour); ``headline``: a sentence the report prints beside that factor.
+    display_name: ClassVar[str] = ""
+    focus: ClassVar[bool] = False
+    headline: ClassVar[str] = ""
+    # Figures a defense ships for its own cells: title and caption of their report section.
     report_figures_title: ClassVar[str] = ""
     report_figures_caption: ClassVar[str] = ""
 
     @classmethod
-    def report_figures(cls, artifact_dir: Path, poisoned_indices: torch.Tensor | None) -> list[Path] | None:
-        """PNG figures of a finished cell, (re)drawn from its artifact directory, for the report.
-        ``poisoned_indices`` is the stage's ground truth: the report may show it, the defense's run
-        never sees it. None (the default): the defense has no figures of its own. The report finds
-        this through the registry, so it never imports a defense's module."""
+    def report_figures(cls, artifact_dir: Path, details: dict, poisoned_indices: torch.Tensor) -> list[Path] | None:
+        """PNG figures of a cell, drawn into its artifact directory right after ``run`` (its
+        ``defense.safetensors`` and ``history.json`` are there; ``details`` is the result's). The
+        cell pipeline calls it with the stage's ground truth, ``poisoned_indices``, which the
+        figures may show and the defense's run never sees. The report copies the PNGs it finds in
+        the directory. None (the default): the defense has no figures of its own."""
         return None
+
+    @classmethod
+    def catalog(cls) -> dict:
+        """What the report needs of this defense, recorded in the results store at run time."""
+        return {"display": cls.display_name or cls.registered_name, "kind": cls.kind, "description": cls.description,
+                "focus": cls.focus, "headline": cls.headline, "figures_title": cls.report_figures_title,
+                "figures_caption": cls.report_figures_caption}

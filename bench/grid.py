@@ -5,12 +5,13 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from bench.config import build_config, expand_sweeps, parse_field_values, parse_override
+from bench.data.base import dataset_variant
 from bench.engine import TrainConfig
 from bench.errors import BenchError
-from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, PROFILES
-from bench.spec import CellSpec, EvalConfig, StageSpec
+from bench.registry import ATTACKS, DATASETS, DEFENSES, METRICS, MODELS, PROFILES
+from bench.spec import CellSpec, StageSpec
 
-OVERRIDE_SECTIONS = ("attack", "defense", "train", "finetune", "eval")
+OVERRIDE_SECTIONS = ("attack", "defense", "train", "finetune", "metric")
 
 
 @dataclass
@@ -22,7 +23,6 @@ class GridRequest:
     defenses: list[str] | None = None   # None: every registered defense
     seeds: list[int] = field(default_factory=lambda: [0])
     overrides: list[str] = field(default_factory=list)
-    scan_rows: str | None = None        # None: the profile's (benign | all | off)
 
 
 @dataclass
@@ -31,7 +31,7 @@ class ParsedOverrides:
     defense: dict[str, dict[str, list]] = field(default_factory=dict)
     train: dict[str, list] = field(default_factory=dict)
     finetune: dict[str, list] = field(default_factory=dict)
-    evaluation: dict[str, object] = field(default_factory=dict)  # one value per field: not a sweep
+    metric: dict[str, dict[str, object]] = field(default_factory=dict)  # name -> field -> one value (no sweep)
 
 
 def parse_overrides(texts: list[str]) -> ParsedOverrides:
@@ -51,13 +51,14 @@ def parse_overrides(texts: list[str]) -> ParsedOverrides:
             if len(parts) != 2:
                 raise BenchError(f"bad override {key!r}: expected {section}.<field>=value")
             getattr(parsed, section)[parts[1]] = parse_field_values(TrainConfig, parts[1], value, key)
-        elif section == "eval":
-            if len(parts) != 2:
-                raise BenchError(f"bad override {key!r}: expected eval.<field>=value")
-            values = parse_field_values(EvalConfig, parts[1], value, key)
+        elif section == "metric":
+            if len(parts) != 3:
+                raise BenchError(f"bad override {key!r}: expected metric.<name>.<field>=value")
+            values = parse_field_values(METRICS.get(parts[1]).Config, parts[2], value, key)
             if len(values) != 1:
-                raise BenchError(f"bad override {key!r}: eval.{parts[1]} takes one value, not a sweep")
-            parsed.evaluation[parts[1]] = values[0]
+                # a metric is not part of a cell's identity: two values would be two answers for one cell
+                raise BenchError(f"bad override {key!r}: metric.{parts[1]}.{parts[2]} takes one value, not a sweep")
+            parsed.metric.setdefault(parts[1], {})[parts[2]] = values[0]
         else:
             raise BenchError(f"bad override {key!r}: the section must be one of {', '.join(OVERRIDE_SECTIONS)}")
     return parsed
@@ -77,6 +78,7 @@ def stage_specs(request: GridRequest, parsed: ParsedOverrides, attack: str) -> l
     """The attack's stages, each with the fields the user set for it (attack, train, finetune)."""
     profile = PROFILES.get(request.profile)
     num_classes = DATASETS.get(request.dataset).info.num_classes
+    variant = dataset_variant(request.dataset)
     model = request.model or profile.model
     _validate_model(model)
     attack_cls = ATTACKS.get(attack)
@@ -96,30 +98,25 @@ def stage_specs(request: GridRequest, parsed: ParsedOverrides, attack: str) -> l
                 user_set = {"attack": dict(attack_values), "train": dict(train_values), "finetune": dict(finetune_values)}
                 for seed in request.seeds:
                     specs.append((StageSpec(request.dataset, model, attack, attack_config, seed, profile.name,
-                                            train, finetune, profile.eval_batch_size, profile.curve_samples), user_set))
+                                            train, finetune, profile.eval_batch_size, profile.curve_samples, variant),
+                                   user_set))
     return specs
 
 
-SCAN_ROWS = ("benign", "all", "off")
-
-
-def scan_settings(request: GridRequest, attack: str) -> dict | None:
-    """The REASR scan's settings for this attack's cells, or None when its rows are not scanned."""
-    from bench.metrics.reasr import ScanConfig
-
+def metric_instances(request: GridRequest, parsed: ParsedOverrides) -> dict[str, object]:
+    """Every registered metric with its settings: its Config's defaults, then the profile's
+    (``Profile.metric_defaults``), then the user's ``-o metric.<name>.<field>``."""
     profile = PROFILES.get(request.profile)
-    rows = request.scan_rows or profile.scan_rows
-    if rows not in SCAN_ROWS:
-        raise BenchError(f"bad --scan {rows!r}; valid: {', '.join(SCAN_ROWS)}")
-    if rows == "off" or (rows == "benign" and attack != "benign"):
-        return None
-    return dataclasses.asdict(build_config(ScanConfig, dict(profile.scan)))
+    instances = {}
+    for name, metric_cls in METRICS.items():
+        values = {**profile.metric_defaults.get(name, {}), **parsed.metric.get(name, {})}
+        instances[name] = metric_cls(build_config(metric_cls.Config, values, f"metric.{name}."))
+    return instances
 
 
-def evaluation_settings(request: GridRequest, parsed: ParsedOverrides) -> dict:
-    """The cells' extra measurements (bench.spec.EvalConfig): the profile's, then the user's."""
-    profile = PROFILES.get(request.profile)
-    return dataclasses.asdict(build_config(EvalConfig, {**profile.evaluation, **parsed.evaluation}, "eval."))
+def cell_metrics(instances: dict[str, object], cell: CellSpec) -> dict[str, dict]:
+    """name -> resolved settings of the metrics that apply to the cell."""
+    return {name: dataclasses.asdict(metric.config) for name, metric in instances.items() if metric.applies(cell)}
 
 
 def defense_defaults(defense_cls, defense: str, attack: str, profile) -> dict:
@@ -147,10 +144,12 @@ def expand(request: GridRequest) -> list[CellSpec]:
     for name in list(parsed.defense):
         if name not in defenses:
             raise BenchError(f"override for defense {name!r}, which is not in the grid ({', '.join(defenses)})")
+    for name in list(parsed.metric):
+        METRICS.get(name)
     for name in list(parsed.attack):
         if name not in attacks:
             raise BenchError(f"override for attack {name!r}, which is not in the grid ({', '.join(attacks)})")
-    evaluation = evaluation_settings(request, parsed)
+    metrics = metric_instances(request, parsed)
     cells = []
     for attack in attacks:
         for stage, stage_user_set in stage_specs(request, parsed, attack):
@@ -163,6 +162,7 @@ def expand(request: GridRequest) -> list[CellSpec]:
                         defense_cls.check(config, TrainConfig(**stage.train), TrainConfig(**stage.finetune))
                     except ValueError as exc:
                         raise BenchError(f"invalid defense.{defense} settings: {exc}") from None
-                    cells.append(CellSpec(stage, defense, dataclasses.asdict(config), scan_settings(request, attack),
-                                          evaluation, {**stage_user_set, "defense": dict(values), "eval": parsed.evaluation}))
+                    cell = CellSpec(stage, defense, dataclasses.asdict(config),
+                                    user_set={**stage_user_set, "defense": dict(values), "metric": parsed.metric})
+                    cells.append(dataclasses.replace(cell, metrics=cell_metrics(metrics, cell)))
     return cells

@@ -24,11 +24,9 @@ class Profile:
     defense_defaults: dict = field(default_factory=dict)
     eval_batch_size: int = 1024
     curve_samples: int = 1000          # test samples behind the per-epoch curves (0: no curves)
-    # REASR by trigger inversion (bench.metrics.reasr): on which rows, and ScanConfig fields for the budget.
-    scan_rows: str = "benign"          # benign | all | off
-    scan: dict = field(default_factory=dict)
-    # What cells measure besides the protocol's metrics (bench.spec.EvalConfig fields).
-    evaluation: dict = field(default_factory=dict)
+    # Metric settings that fit the profile's budget, keyed by metric name (bench/metrics/); the
+    # user's -o metric.<name>.<field> overrides win.
+    metric_defaults: dict = field(default_factory=dict)
 
     def attack_defaults_for(self, attack: str, fields: set[str]) -> dict:
         shared = {k: v for k, v in self.attack_defaults.items() if k in fields}
@@ -53,9 +51,12 @@ SMOKE = _define(Profile(
     finetune=TrainConfig(epochs=5, batch_size=128, lr=0.01, schedule="cosine"),
     curve_samples=500,
     defense_defaults={"none": {"finetune_epochs": 5}, "none@benign": {"rounds": 2}},
-    scan_rows="off",  # tests ask for the scan where they test it
-    scan={"steps": 60, "refine_steps": 20, "images_per_class": 5, "eval_images_per_class": 20},
-    evaluation={"oracle_samples": 300, "feature_samples": 100},
+    metric_defaults={
+        # tests ask for the scan where they test it
+        "reasr": {"rows": "off", "steps": 60, "refine_steps": 20, "images_per_class": 5, "eval_images_per_class": 20},
+        "selection": {"samples": 300},
+        "features": {"samples": 100},
+    },
 ))
 
 QUICK = _define(Profile(
@@ -71,7 +72,7 @@ QUICK = _define(Profile(
     attack_defaults={"input-aware": {"mask_epochs": 5}},
     # 6 bounds x 10 labels x 50 images per step: 82 s per scan on 2 idle Zen 4 cores (2026-12-03; 260 s
     # on the Xeon of 2026-12-01); the benign row's 8-10 scans (unchanged models share one) add 11-14 min.
-    scan={"steps": 100, "refine_steps": 50, "images_per_class": 5, "eval_images_per_class": 50},
+    metric_defaults={"reasr": {"steps": 100, "refine_steps": 50, "images_per_class": 5, "eval_images_per_class": 50}},
 ))
 
 STANDARD = _define(Profile(

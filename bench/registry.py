@@ -1,9 +1,9 @@
 """Plugin registries: one dict per kind, filled by decorators.
 
-Built-in plugins live in the ``attacks``, ``defenses`` and ``bench.data`` /
-``bench.models`` packages and register themselves when imported. Third-party plugins
-come from Python entry points (groups ``bench.datasets``, ``bench.models``,
-``bench.attacks``, ``bench.defenses``) or from a file given with ``--plugin``.
+Built-in plugins live in the ``attacks``, ``defenses``, ``bench.data``, ``bench.models`` and
+``bench.metrics`` packages and register themselves when imported. Third-party plugins come from
+Python entry points (groups ``bench.datasets``, ``bench.models``, ``bench.attacks``,
+``bench.defenses``, ``bench.metrics``) or from a file given with ``--plugin``.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
-from bench.errors import BenchError  # noqa: F401  (also importable from here, as plugins did)
+from bench.errors import BenchError
 
 T = TypeVar("T")
 
@@ -69,16 +69,18 @@ MODELS: Registry[Any] = Registry("model")
 ATTACKS: Registry[Any] = Registry("attack")
 DEFENSES: Registry[Any] = Registry("defense")
 PROFILES: Registry[Any] = Registry("profile")
+METRICS: Registry[Any] = Registry("metric")
 
 register_dataset = DATASETS.register
 register_model = MODELS.register
 register_attack = ATTACKS.register
 register_defense = DEFENSES.register
 register_profile = PROFILES.register
+register_metric = METRICS.register
 
-_BUILTIN_PACKAGES = ("bench.data", "bench.models", "bench.profiles", "attacks", "defenses")
+_BUILTIN_PACKAGES = ("bench.data", "bench.models", "bench.profiles", "bench.metrics", "attacks", "defenses")
 _BUILTIN_ROOTS = {"bench", "attacks", "defenses"}
-_ENTRY_POINT_GROUPS = ("bench.datasets", "bench.models", "bench.attacks", "bench.defenses")
+_ENTRY_POINT_GROUPS = ("bench.datasets", "bench.models", "bench.attacks", "bench.defenses", "bench.metrics")
 _loaded = False
 
 

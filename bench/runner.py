@@ -32,12 +32,14 @@ class RunOptions:
 
 
 def plan_pending(cells: list[CellSpec], store: ResultStore, retry_failed: bool = False) -> Plan:
-    """Cells not yet done (or whose artifacts vanished), grouped under their stage, in grid order.
-    Failed cells are retried only when asked: a deterministic failure would fail again."""
+    """Cells not yet done (or whose artifacts vanished, or that lack a metric the grid asks for),
+    grouped under their stage, in grid order. Failed cells are retried only when asked: a
+    deterministic failure would fail again."""
     plan: dict[str, tuple[StageSpec, list[CellSpec]]] = {}
     for cell in cells:
-        status = store.cell_status(cell.id)
-        done = status == "done" and is_intact(store.artifacts_root / cell.id)
+        status, measured = store.cell_measured(cell.id)
+        measured_all = all(measured.get(name) == key for name, key in cell.metric_keys().items())
+        done = status == "done" and measured_all and is_intact(store.artifacts_root / cell.id)
         if status == "failed" and not retry_failed:
             continue
         if not done:
@@ -104,6 +106,7 @@ def run_grid(request: GridRequest, options: RunOptions) -> list[CellSpec]:
     data_root()  # a BENCH_DATA that is not a directory stops the run here, not inside every cell
     device = resolve_device(options.device)
     store = ResultStore(options.store, options.artifacts)
+    store.record_catalog(catalog_entries())
     run_started = time.time()
     plan = plan_pending(cells, store, options.retry_failed)
     pending = sum(len(group) for _, group in plan)
@@ -112,6 +115,11 @@ def run_grid(request: GridRequest, options: RunOptions) -> list[CellSpec]:
         workspace.dataset(request.dataset)  # missing or damaged data: one error before any cell starts
     progress.log(f"grid: {len(cells)} cells ({len(cells) - pending} already done, {pending} to run) "
                  f"on {request.dataset}, profile {request.profile}, device {device}; store {store.path}")
+    variant = cells[0].stage.data_variant if cells else ""
+    if variant:
+        from bench.registry import DATASETS
+
+        progress.log(f"[yellow]{request.dataset}: {DATASETS.get(request.dataset)().info_for(variant).source}[/yellow]")
     remove_stale_temporaries(store.artifacts_root, progress.log)
     if pending:
         started = time.perf_counter()
@@ -135,6 +143,20 @@ def dry_run(request: GridRequest, options: RunOptions) -> str:
             f"{len(cells) - pending} already done in {options.store}, {pending} to run\n"
             f"  attacks: {', '.join(attacks)}\n  defenses: {', '.join(defenses)}\n  seeds: "
             f"{', '.join(map(str, dict.fromkeys(cell.stage.seed for cell in cells)))}")
+
+
+def catalog_entries() -> list[tuple[str, str, dict]]:
+    """What the report needs of every registered plugin (bench/store.py, ``catalog``)."""
+    from bench.registry import ATTACKS, DATASETS, DEFENSES, METRICS, PROFILES
+
+    entries = [("defense", name, cls.catalog()) for name, cls in DEFENSES.items()]
+    entries += [("metric", name, cls.catalog()) for name, cls in METRICS.items()]
+    entries += [("attack", name, {"has_trigger": bool(cls.has_trigger), "description": cls.description})
+                for name, cls in ATTACKS.items()]
+    entries += [("profile", name, {"description": profile.description}) for name, profile in PROFILES.items()]
+    entries += [("dataset", name, {"description": cls.description, "variants": dict(cls.variants)})
+                for name, cls in DATASETS.items()]
+    return entries
 
 
 def summary_rows(cells: list[CellSpec], store: ResultStore) -> list[dict]:

@@ -3,7 +3,9 @@
 A *stage* is (dataset, model, attack, seed, profile): the undefended model, trained once and
 reused by every defense. A *cell* is a stage plus a defense. Both are identified by a stable
 hash of everything that determines their result, plugin versions and plugin sources included,
-so a finished result is reused exactly when it would be computed again the same way.
+so a finished result is reused exactly when it would be computed again the same way. What a
+cell measures (its metrics, bench/metric.py) is not part of its id: each metric has a key of its
+own (``CellSpec.metric_keys``), so a new or changed metric is measured on the finished cells.
 """
 from __future__ import annotations
 
@@ -13,24 +15,7 @@ import json
 from dataclasses import dataclass, field
 
 import bench
-from bench.config import require
-from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, source_hash
-
-
-@dataclass
-class EvalConfig:
-    """What a cell measures besides the protocol's metrics; ``-o eval.<field>=...`` sets it, the
-    profile's ``evaluation`` gives its defaults. 0 turns a measurement off."""
-
-    # Triggered test images behind the selection-quality oracle (bench/metrics/selection.py),
-    # measured for defenses that declare the units they ablate.
-    oracle_samples: int = 1000
-    # Clean and as many triggered test images whose penultimate features the cell stores, for the
-    # report's t-SNE (bench/report/tsne.py draws them; it never rebuilds a model).
-    feature_samples: int = 300
-
-    def __post_init__(self) -> None:
-        require(self, oracle_samples=">= 0", feature_samples=">= 0")
+from bench.registry import ATTACKS, DATASETS, DEFENSES, METRICS, MODELS, source_hash
 
 
 def content_hash(payload: dict) -> str:
@@ -49,11 +34,16 @@ class StageSpec:
     finetune: dict       # resolved engine.TrainConfig defenses start from
     eval_batch_size: int = 1024
     curve_samples: int = 1000
+    # Which data the dataset's name stood for ("": the published dataset; bench/data/base.py,
+    # ``dataset_variant``): a subset's results are never taken for the full dataset's.
+    data_variant: str = ""
 
     @property
     def id(self) -> str:
         attack = ATTACKS.get(self.attack)
         payload = {**dataclasses.asdict(self), "attack_version": attack.version, "core_version": bench.STAGE_VERSION}
+        if not self.data_variant:
+            del payload["data_variant"]  # the published dataset keeps the ids it had before variants existed
         model = None if self.model.startswith("timm:") else MODELS.get(self.model)
         sources = {kind: source_hash(obj) for kind, obj in
                    (("attack", attack), ("model", model), ("dataset", DATASETS.get(self.dataset))) if obj is not None}
@@ -75,9 +65,9 @@ class CellSpec:
     stage: StageSpec
     defense: str
     defense_config: dict
-    scan: dict | None = None   # bench.metrics.reasr.ScanConfig fields when this cell measures REASR
-    evaluation: dict | None = None  # EvalConfig fields; None: none of its measurements
-    # The fields the user set with -o, by section (attack, defense, train, finetune, eval), as
+    # The metrics measured on this cell: name -> its resolved Config fields. Not part of the id.
+    metrics: dict = field(default_factory=dict)
+    # The fields the user set with -o, by section (attack, defense, train, finetune, metric), as
     # opposed to defaults: the report's primary variant of a defense is the one whose user set no
     # defense field, and its Reproduce command repeats exactly these. Not part of the id: the
     # resolved configs already determine the result.
@@ -90,12 +80,20 @@ class CellSpec:
                    "defense_version": defense.version, "core_version": bench.CELL_VERSION}
         if source_hash(defense):
             payload["plugin_source"] = source_hash(defense)
-        if self.scan is not None:
-            payload["scan"] = self.scan
-            payload["scan_version"] = bench.SCAN_VERSION
-        if self.evaluation is not None:
-            payload["evaluation"] = self.evaluation
         return "c-" + content_hash(payload)
+
+    def metric_keys(self) -> dict[str, str]:
+        """name -> the key of what that metric measures here (its version, settings and, for a
+        plugin from outside the project, its source): a finished cell whose stored key differs
+        is re-measured, without re-running its defense."""
+        keys = {}
+        for name, settings in self.metrics.items():
+            metric = METRICS.get(name)
+            payload = {"metric": name, "version": metric.version, "settings": settings}
+            if source_hash(metric):
+                payload["plugin_source"] = source_hash(metric)
+            keys[name] = content_hash(payload)
+        return keys
 
     def label(self) -> str:
         return f"{self.stage.label()} x {self.defense}"
@@ -105,5 +103,5 @@ class CellSpec:
 
     @staticmethod
     def from_json(data: dict) -> "CellSpec":
-        return CellSpec(StageSpec(**data["stage"]), data["defense"], data["defense_config"], data.get("scan"),
-                        data.get("evaluation"), data.get("user_set") or {})
+        return CellSpec(StageSpec(**data["stage"]), data["defense"], data["defense_config"], data.get("metrics") or {},
+                        data.get("user_set") or {})

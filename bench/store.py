@@ -40,17 +40,20 @@ CREATE TABLE IF NOT EXISTS cells (
     seed INTEGER NOT NULL, profile TEXT NOT NULL,
     config TEXT NOT NULL, status TEXT NOT NULL, error TEXT,
     metrics TEXT, timings TEXT, environment TEXT, details TEXT, started REAL, finished REAL,
-    plugins TEXT   -- JSON: the --plugin files and entry points the cell used, with their sha256
+    plugins TEXT,  -- JSON: the --plugin files and entry points the cell used, with their sha256
+    measurements TEXT  -- JSON: metric name -> {key, seconds, details} (bench/metric.py)
 );
 CREATE INDEX IF NOT EXISTS cells_by_dataset ON cells(dataset, status);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- What the report needs of each plugin (display names, metric columns, focus), recorded at run time
+-- so that a report never needs the plugins' code: kind (defense, attack, metric, profile), name, JSON.
+CREATE TABLE IF NOT EXISTS catalog (kind TEXT NOT NULL, name TEXT NOT NULL, info TEXT NOT NULL, PRIMARY KEY (kind, name));
 CREATE TABLE IF NOT EXISTS claims (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL, token TEXT NOT NULL,
     claimed REAL NOT NULL, heartbeat REAL NOT NULL
 );
 """
 
-STATUSES = ("running", "done", "failed", "interrupted")   # interrupted: running, but its owner is gone
 HEARTBEAT_S = 10.0   # how often a runner refreshes its claims
 STALE_S = 120.0      # a claim not refreshed for this long is taken over (an owner on another host died)
 INIT_ATTEMPTS = 10   # tries to create or open a store that another runner is creating at the same moment
@@ -103,8 +106,9 @@ class ResultStore:
                     if statement.strip():
                         conn.execute(statement)
                 columns = {row[1] for row in conn.execute("PRAGMA table_info(cells)")}
-                if "plugins" not in columns:  # stores made before plugin provenance was recorded
-                    conn.execute("ALTER TABLE cells ADD COLUMN plugins TEXT")
+                for column in ("plugins", "measurements"):  # stores made before these were recorded
+                    if column not in columns:
+                        conn.execute(f"ALTER TABLE cells ADD COLUMN {column} TEXT")
                 if artifacts_root is not None:
                     conn.execute("INSERT INTO meta VALUES ('artifacts_root', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                                  (str(Path(artifacts_root).resolve()),))
@@ -230,6 +234,15 @@ class ResultStore:
             row = conn.execute("SELECT status FROM cells WHERE id=?", (cell_id,)).fetchone()
         return row["status"] if row else None
 
+    def cell_measured(self, cell_id: str) -> tuple[str | None, dict[str, str]]:
+        """(status, metric name -> the key it was measured under) of a cell."""
+        with closing(self._connect()) as conn:
+            row = conn.execute("SELECT status, measurements FROM cells WHERE id=?", (cell_id,)).fetchone()
+        if row is None:
+            return None, {}
+        measurements = json.loads(row["measurements"]) if row["measurements"] else {}
+        return row["status"], {name: entry.get("key") for name, entry in measurements.items()}
+
     def cell_finished_at(self, cell_id: str) -> tuple[str, float | None] | None:
         """(status, finished) of a cell, or None when the store has no row for it."""
         with closing(self._connect()) as conn:
@@ -249,9 +262,10 @@ class ResultStore:
     def cell_done(self, cell_id: str, result: dict) -> None:
         started, finished = _wall(result)
         self._write("UPDATE cells SET status='done', error=NULL, metrics=?, timings=?, environment=?, details=?, "
-                    "started=COALESCE(?, started), finished=? WHERE id=?",
+                    "measurements=?, started=COALESCE(?, started), finished=? WHERE id=?",
                     (json.dumps(result["metrics"]), json.dumps(result["timings"]), json.dumps(result.get("environment", {})),
-                     json.dumps(result.get("details", {}), default=str), started, finished, cell_id))
+                     json.dumps(result.get("details", {}), default=str),
+                     json.dumps(result.get("measurements", {}), default=str), started, finished, cell_id))
 
     def cell_failed(self, cell_id: str, error: str) -> None:
         self._write("UPDATE cells SET status='failed', error=?, finished=? WHERE id=?", (error, time.time(), cell_id))
@@ -281,6 +295,22 @@ class ResultStore:
             live = self._live_claims(conn)
         return [_with_liveness(_decode(row), live) for row in rows]
 
+    def record_catalog(self, entries: list[tuple[str, str, dict]]) -> None:
+        """(kind, name, info) of the plugins a run had, replacing what an earlier run recorded of them;
+        entries of plugins this run did not load stay (their cells still need them)."""
+        with closing(self._connect()) as conn, conn:
+            conn.executemany("INSERT INTO catalog VALUES (?,?,?) ON CONFLICT(kind, name) DO UPDATE SET info=excluded.info",
+                             [(kind, name, json.dumps(info, sort_keys=True, default=str)) for kind, name, info in entries])
+
+    def catalog(self) -> dict[str, dict[str, dict]]:
+        """kind -> name -> info, as ``record_catalog`` wrote it."""
+        with closing(self._connect()) as conn:
+            rows = conn.execute("SELECT kind, name, info FROM catalog ORDER BY kind, name").fetchall()
+        result: dict[str, dict[str, dict]] = {}
+        for row in rows:
+            result.setdefault(row["kind"], {})[row["name"]] = json.loads(row["info"])
+        return result
+
     def datasets(self) -> list[str]:
         with closing(self._connect()) as conn:
             return [row[0] for row in conn.execute("SELECT DISTINCT dataset FROM cells ORDER BY dataset")]
@@ -288,20 +318,27 @@ class ResultStore:
 
 def _plugins(spec) -> list[dict]:
     """The plugins from outside the project that a cell uses (``bench.registry.plugin_origin``)."""
-    from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, plugin_origin
+    from bench.registry import (
+        ATTACKS,
+        DATASETS,
+        DEFENSES,
+        METRICS,
+        MODELS,
+        plugin_origin,
+    )
 
     stage = spec.stage
     used = [("defense", spec.defense, DEFENSES), ("attack", stage.attack, ATTACKS), ("dataset", stage.dataset, DATASETS),
-            ("model", stage.model, MODELS)]
+            ("model", stage.model, MODELS), *(("metric", name, METRICS) for name in spec.metrics)]
     return [origin for kind, name, registry in used if name in registry
             and (origin := plugin_origin(registry.get(name), kind, name)) is not None]
 
 
 def _cell_config(spec) -> dict:
     """The stage's config, the defense's resolved config, the fields of it the user set (so the
-    report knows the default variant without re-deriving the grid) and the extra measurements."""
+    report knows the default variant without re-deriving the grid) and the metrics' settings."""
     return {**_stage_config(spec.stage), "defense": spec.defense, "defense_config": spec.defense_config,
-            "user_set": spec.user_set, "scan": spec.scan, "evaluation": spec.evaluation}
+            "user_set": spec.user_set, "metrics": spec.metrics}
 
 
 def _stage_config(spec) -> dict:
@@ -318,7 +355,7 @@ def _with_liveness(record: dict[str, Any], live: set[str]) -> dict[str, Any]:
 
 def _decode(row: sqlite3.Row) -> dict[str, Any]:
     record = dict(row)
-    for key in ("config", "metrics", "timings", "environment", "details", "plugins"):
+    for key in ("config", "metrics", "timings", "environment", "details", "plugins", "measurements"):
         if key in record and record[key] is not None:
             record[key] = json.loads(record[key])
     return record

@@ -6,20 +6,23 @@ from __future__ import annotations
 import platform
 import resource
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, load_model
 
 import bench
-from bench.artifacts import CorruptArtifact, verify
+from bench import progress
+from bench.artifacts import ArtifactWriter, CorruptArtifact, finished, verify
 from bench.attack import Attack
 from bench.config import build_config
 from bench.data.base import DatasetInfo, ImageSet, load_dataset
 from bench.data.splits import make_splits
 from bench.device import memory_format
+from bench.errors import BenchError
 from bench.models.base import build_model
-from bench.registry import ATTACKS
-from bench.spec import StageSpec
+from bench.registry import ATTACKS, DATASETS
+from bench.spec import StageSpec, content_hash
 
 
 def environment(device: torch.device) -> dict[str, str]:
@@ -54,8 +57,12 @@ class Workspace:
         return self._datasets[name]
 
     def split(self, spec: StageSpec) -> tuple[DatasetInfo, ImageSet, ImageSet, ImageSet]:
-        """(info, reserve, train, test) for the stage's seed."""
+        """(info, reserve, train, test) for the stage's seed, from the data its spec names."""
         info, full, test = self.dataset(spec.dataset)
+        expected = DATASETS.get(spec.dataset)().info_for(spec.data_variant).source
+        if info.source != expected:
+            raise BenchError(f"{spec.dataset}: the data found now ({info.source or 'the published dataset'}) is not the data "
+                             f"this stage was planned on ({expected or 'the published dataset'}); run the command again")
         splits = make_splits(full.y, spec.seed)
         return info, full.subset(splits.reserve), full.subset(splits.train), test
 
@@ -93,3 +100,21 @@ class Workspace:
         except Exception as exc:
             raise CorruptArtifact(directory, f"the checkpoint does not load ({exc.__class__.__name__}: {exc})") from None
         return model.eval(), attack, result
+
+    def shared_result(self, stage: StageSpec, kind: str, key: dict, compute: Callable[[Path], dict]) -> tuple[dict, Path]:
+        """A result that depends only on the stage's model and ``key``, computed once and reused by
+        every cell of the stage: in its own verified artifact directory
+        (``<artifacts>/<stage id>-<kind>-<hash of key>/``), written atomically like any other.
+        ``compute(directory)`` returns the JSON result and may write files into ``directory``.
+        Returns (result, final directory)."""
+        directory = self.root / f"{stage.id}-{kind}-{content_hash(key)}"
+        cached = finished(directory, progress.log)
+        if cached is not None:
+            return cached, directory
+        writer = ArtifactWriter(directory)
+        try:
+            result = writer.commit({**compute(writer.tmp), "key": key})
+        except BaseException:
+            writer.discard()
+            raise
+        return result, directory

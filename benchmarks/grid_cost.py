@@ -24,14 +24,19 @@ from collections import defaultdict
 from bench.registry import ATTACKS, DEFENSES
 from bench.store import ResultStore
 
-# The parts of a cell's time, as bench/cell.py records them.
-CELL_PHASES = {"defense_s": "defenses", "eval_s": "evaluation", "scan_s": "REASR scans",
-               "oracle_s": "selection oracle", "features_s": "t-SNE features"}
+
+def cell_phases(cell: dict) -> dict[str, float]:
+    """The parts of a cell's time, as bench/cell.py records them: the defense, then each metric."""
+    timings = cell.get("timings") or {}
+    parts = {"defenses": float(timings.get("defense_s") or 0)}
+    for key, seconds in timings.items():
+        if key.endswith("_s") and key not in ("attack_s", "defense_s", "metrics_s"):
+            parts[f"metric: {key[:-2]}"] = float(seconds or 0)
+    return parts
 
 
 def cell_seconds(cell: dict) -> float:
-    timings = cell.get("timings") or {}
-    return float(sum(timings.get(key) or 0 for key in CELL_PHASES))
+    return sum(cell_phases(cell).values())
 
 
 def phases(store: ResultStore, dataset: str, profile: str) -> list[str]:
@@ -43,8 +48,8 @@ def phases(store: ResultStore, dataset: str, profile: str) -> list[str]:
             totals["attack stages (training with curves, poisoning, evaluation)"] += float(stage["timings"]["total_s"])
     for cell in store.cells(dataset, status="done"):
         if cell["profile"] == profile:
-            for key, name in CELL_PHASES.items():
-                totals[name] += float((cell.get("timings") or {}).get(key) or 0)
+            for name, seconds in cell_phases(cell).items():
+                totals[name] += seconds
     whole = sum(totals.values()) or 1.0
     lines = ["| phase | time | share |", "|---|---|---|"]
     lines += [f"| {name} | {minutes(seconds)} | {seconds / whole:.0%} |" for name, seconds in totals.items() if seconds]

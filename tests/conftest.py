@@ -60,7 +60,7 @@ def registries():
     from bench import registry
 
     registry.load_builtin_plugins()
-    kinds = (registry.DATASETS, registry.MODELS, registry.ATTACKS, registry.DEFENSES, registry.PROFILES)
+    kinds = (registry.DATASETS, registry.MODELS, registry.ATTACKS, registry.DEFENSES, registry.PROFILES, registry.METRICS)
     saved = [dict(r._entries) for r in kinds]
     modules = set(sys.modules)
     hashes = dict(registry._source_hashes)

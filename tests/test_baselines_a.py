@@ -97,7 +97,7 @@ def test_fp_pruned_channels_stay_cut_after_fine_tuning(smoke_cell, workspace):
 # --- NAD --------------------------------------------------------------------------------
 
 def test_nad_attention_layers_are_the_last_three_stages():
-    from defenses.baselines.nad import stage_outputs
+    from bench.units import stage_outputs
 
     info = DatasetInfo("probe", 10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3, False)
     probe = torch.rand(2, 3, 32, 32)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench import cli
+from bench.runner import catalog_entries
 from bench.spec import CellSpec
 from bench.store import ResultStore
 from tests.bounds import SEED
@@ -50,6 +51,7 @@ def store_dir(tmp_path_factory, smoke_cell, workspace):
     result = smoke_cell("badnets", "undefended")
     spec = CellSpec.from_json(result["spec"])
     store = ResultStore(root / "runs" / "bench.sqlite", workspace.root)
+    store.record_catalog(catalog_entries())  # what a run records
     store.stage_running(spec.stage)
     store.stage_done(spec.stage.id, json.loads((workspace.root / spec.stage.id / "result.json").read_text()))
     store.cell_running(spec)

@@ -231,9 +231,9 @@ def test_profile_attack_defaults_apply_to_their_attack_and_yield_to_the_user():
 def test_benign_rows_get_the_reasr_scan_and_none_its_natural_preset():
     cells = expand(GridRequest("synthetic", "quick", attacks=["badnets", "benign"], defenses=["undefended", "none"]))
     by_row = {(c.stage.attack, c.defense): c for c in cells}
-    assert by_row[("benign", "undefended")].scan is not None and by_row[("badnets", "undefended")].scan is None
+    assert "reasr" in by_row[("benign", "undefended")].metrics and "reasr" not in by_row[("badnets", "undefended")].metrics
     assert by_row[("benign", "none")].defense_config["preset"] == "natural"
     assert by_row[("badnets", "none")].defense_config["preset"] == "injected"
-    explicit = expand(GridRequest("synthetic", "quick", attacks=["benign"], defenses=["none"], scan_rows="off",
-                                  overrides=["defense.none.preset=injected"]))[0]
-    assert explicit.defense_config["preset"] == "injected" and explicit.scan is None
+    explicit = expand(GridRequest("synthetic", "quick", attacks=["benign"], defenses=["none"],
+                                  overrides=["defense.none.preset=injected", "metric.reasr.rows=off"]))[0]
+    assert explicit.defense_config["preset"] == "injected" and "reasr" not in explicit.metrics

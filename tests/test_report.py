@@ -20,8 +20,9 @@ from PIL import Image
 
 from bench.grid import GridRequest, expand
 from bench.metrics.accuracy import defense_effectiveness_rating
-from bench.report import write_index, write_report
-from bench.report.tables import HEADER
+from bench.reporting import write_index, write_report
+from bench.reporting.tables import HEADER
+from bench.runner import catalog_entries
 from bench.spec import CellSpec, StageSpec
 from bench.store import ResultStore
 
@@ -87,6 +88,7 @@ def write_history(directory: Path, records: list[dict]) -> None:
 def fabricated(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
     store = ResultStore(root / "bench.sqlite")
+    store.record_catalog(catalog_entries())  # what a run records
     stages = {}
     # a result from before a plugin version change: same settings, older, another id; superseded
     old = FixedCell(stage_of("synthetic", "badnets", 0), "undefended", {}, fixed_id="c-old")
@@ -274,6 +276,7 @@ def test_real_smoke_cell_gives_tsne_and_curves(smoke_cell, workspace, tmp_path):
     result = smoke_cell("badnets", "undefended")
     spec = CellSpec.from_json(result["spec"])
     store = ResultStore(workspace.root / f"report-{tmp_path.name}.sqlite")
+    store.record_catalog(catalog_entries())  # what a run records
     stage_result = json.loads((workspace.root / spec.stage.id / "result.json").read_text())
     store.stage_running(spec.stage)
     store.stage_done(spec.stage.id, stage_result)
@@ -301,7 +304,7 @@ SCANS = {
 
 
 def scan_details(values: tuple[float, ...]) -> dict:
-    """What a scanning cell stores in details["scan"] (ScanResult.to_json(), the parts the report reads)."""
+    """What a scanning cell's reasr metric stores as its details (ScanResult.to_json(), the parts the report reads)."""
     reasr = {f"{b:g}": v for b, v in zip(SCAN_BOUNDS, values)}
     details = {"reasr": reasr, "best_label": {f"{b:g}": 3 for b in SCAN_BOUNDS}, "candidates": [0, 1, 2, 3],
                "seconds": 1.5}
@@ -327,6 +330,7 @@ def scanned_report(root: Path, without_artifacts: tuple[str, ...] = ()) -> Path:
     """A store with a benign row whose undefended (2 seeds) and NONE (1 seed) cells ran the scan,
     plus a badnets row without scans; the report of it (no t-SNE: no models here)."""
     store = ResultStore(root / "bench.sqlite")
+    store.record_catalog(catalog_entries())  # what a run records
     stages = {}
     for attack, seed in (("benign", 0), ("benign", 1), ("badnets", 0)):
         stage = stages[(attack, seed)] = stage_of("synthetic", attack, seed)
@@ -342,8 +346,8 @@ def scanned_report(root: Path, without_artifacts: tuple[str, ...] = ()) -> Path:
         cell = FixedCell(stages[("benign", seed)], defense, dict(config), fixed_id=f"c-scan-{defense}-{seed}")
         store.cell_running(cell)
         store.cell_done(cell.id, {"metrics": {"c_acc": 98.0, "asr": None, "ra": None, "der": None, "reasr": max(values)},
-                                  "timings": {"defense_s": 1.0, "eval_s": 0.1, "scan_s": 1.5}, "environment": ENV,
-                                  "details": {"scan": scan_details(values)}})
+                                  "timings": {"defense_s": 1.0, "accuracy_s": 0.1, "reasr_s": 1.5}, "environment": ENV,
+                                  "measurements": {"reasr": {"key": "k", "seconds": 1.5, "details": scan_details(values)}}})
         if defense not in without_artifacts:
             write_scan_tensors(root / cell.id)
     return write_report(store, "synthetic", root / "reports", tsne_figure=False)
@@ -403,10 +407,12 @@ def test_every_defense_has_its_own_colour_and_marker_plugins_included():
     from matplotlib.colors import to_rgb
 
     from bench.registry import DEFENSES
-    from bench.report.palette import defense_markers, defense_palette
+    from bench.reporting.catalog import Catalog
+    from bench.reporting.palette import defense_markers, defense_palette
 
     plugins = [f"plugin-{i}" for i in range(6)]
-    palette, markers = defense_palette(plugins), defense_markers(plugins)
+    palette = defense_palette(Catalog(defenses={name: cls.catalog() for name, cls in DEFENSES.items()}), plugins)
+    markers = defense_markers(palette)
     names = DEFENSES.names() + plugins
     assert set(names) <= set(palette) and set(names) <= set(markers)
     colours = [to_rgb(palette[name]) for name in names]
@@ -418,7 +424,7 @@ def test_every_defense_has_its_own_colour_and_marker_plugins_included():
 
 def test_tsne_draws_the_features_cells_stored_and_never_builds_a_model(smoke_cell, workspace, tmp_path, monkeypatch):
     """Cells store penultimate features of the same clean and triggered test images (the smoke
-    profile's eval.feature_samples=100 each); the report embeds those, with --focus choosing the
+    profile's metric.features.samples=100 each); the report embeds those, with --focus choosing the
     defense beside the undefended model, and builds no model to do it."""
     from safetensors.torch import load_file
 
@@ -434,6 +440,7 @@ def test_tsne_draws_the_features_cells_stored_and_never_builds_a_model(smoke_cel
     assert abs(100 * float(asr) - results["undefended"]["metrics"]["asr"]) < 15  # a 100-image sample of the same ASR
 
     store = ResultStore(workspace.root / f"report-{tmp_path.name}.sqlite")
+    store.record_catalog(catalog_entries())  # what a run records
     for result in results.values():
         spec = CellSpec.from_json(result["spec"])
         store.stage_running(spec.stage)
@@ -456,7 +463,7 @@ def _ranking_setup(scores: dict[str, list[float]]):
     """A setup whose defenses have these per-seed DERs on one triggered attack."""
     import pandas as pd
 
-    from bench.report.collect import Setup
+    from bench.reporting.collect import Setup
 
     rows = [{"defense": d, "defense_label": d, "attack": "badnets", "attack_label": "badnets", "attack_sort": "badnets",
              "defense_sort": d, "seed": seed, "status": "done", "der": der, "asr": 100 * (1 - der), "c_acc": 90.0,
@@ -467,7 +474,7 @@ def _ranking_setup(scores: dict[str, list[float]]):
 def test_ranking_separates_only_what_the_seeds_support():
     """Known answer: a and c differ by less than their seed-to-seed noise, b is clearly worse than
     both (paired 95% intervals over three seeds), so a and c share ranks 1-2 and b is 3rd."""
-    from bench.report.ranking import ranking, ranking_section, separable
+    from bench.reporting.ranking import ranking, ranking_section, separable
 
     setup = _ranking_setup({"a": [0.90, 0.91, 0.92], "b": [0.50, 0.52, 0.51], "c": [0.89, 0.93, 0.90]})
     table = ranking(setup).set_index("defense")
@@ -484,7 +491,7 @@ def test_ranking_separates_only_what_the_seeds_support():
 
 
 def test_one_seed_says_it_cannot_rank():
-    from bench.report.ranking import ranking_section
+    from bench.reporting.ranking import ranking_section
 
     text = "\n".join(ranking_section(_ranking_setup({"a": [0.9], "b": [0.5]})))
     assert "One seed cannot rank these defenses" in text and "| 1–2 | a |" in text and "| 1–2 | b |" in text
@@ -507,10 +514,11 @@ def test_focus_defense_across_setups_puts_every_configuration_in_one_table(tmp_p
     report's cross-setup table has one row per setup x configuration x attack, with the stored
     numbers as mean ± std over seeds, the same configuration label in both setups, and no row for a
     configuration a setup did not run."""
-    from bench.report import across
-    from bench.report.collect import load
+    from bench.reporting import across
+    from bench.reporting.collect import load
 
     store = ResultStore(tmp_path / "bench.sqlite")
+    store.record_catalog(catalog_entries())  # what a run records
     # (lr override, seed) -> undefended c_acc, asr; NONE cells: fraction -> (c_acc, asr, sel_asr, recall, precision)
     runs = {
         ("", 0): ((90.0, 99.0), {0.03: (89.0, 70.0, 71.0, 40.0, 80.0), 0.1: (79.0, 10.0, 11.0, 50.0, 80.0)}),

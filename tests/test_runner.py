@@ -116,7 +116,7 @@ def test_bad_input_through_the_module_exits_2_with_one_line():
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-HEAVY = ("torchvision", "timm", "sklearn", "matplotlib", "seaborn", "ray", "pandas", "scipy", "jenkspy", "bench.report")
+HEAVY = ("torchvision", "timm", "sklearn", "matplotlib", "seaborn", "ray", "pandas", "scipy", "jenkspy", "bench.reporting")
 
 
 def test_listing_help_and_errors_import_no_heavy_module():
@@ -133,7 +133,7 @@ def test_listing_help_and_errors_import_no_heavy_module():
                     main(argv)
                 except SystemExit:
                     pass
-        print(sorted({{name.split(".")[0] if not name.startswith("bench.report") else "bench.report"
+        print(sorted({{name.split(".")[0] if not name.startswith("bench.reporting") else "bench.reporting"
                       for name in sys.modules if name.startswith({HEAVY!r})}}))
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,

@@ -79,8 +79,8 @@ def test_linear_model_known_trigger(tmp_path, one_thread):
     chunked = scan(model, images, info, ScanConfig(**{**config.__dict__, "max_batch_images": 100}))
     assert torch.allclose(chunked.masks, result.masks, atol=1e-5) and chunked.reasr == result.reasr
     # The report's figures render from a result and from its JSON form.
-    from bench.report.figures import save
-    from bench.report.reasr_figures import plot_reasr, trigger_grid
+    from bench.reporting.figures import save
+    from bench.reporting.reasr_figures import plot_reasr, trigger_grid
 
     curve = save(plot_reasr({"linear": result.reasr, "json": result.to_json()["reasr"]}), tmp_path / "reasr", "").png
     grid = save(trigger_grid({"linear": result}), tmp_path / "grid", "").png
@@ -208,11 +208,11 @@ def test_cells_that_change_nothing_share_one_scan(workspace, smoke_cell):
 
     smoke_cell("benign", "undefended")  # the stage, trained once per session
     cells = expand(GridRequest("synthetic", "smoke", attacks=["benign"], defenses=["undefended", "clp"], seeds=[SEED],
-                               scan_rows="benign", overrides=["defense.clp.u=100"]))
+                               overrides=["defense.clp.u=100", "metric.reasr.rows=benign"]))
     undefended, clp = (run_defense_cell(cell, workspace) for cell in cells)
     assert clp["details"]["pruned_channels"] == 0
-    shared = workspace.root / undefended["details"]["scan"]["shared"]
-    assert clp["details"]["scan"]["shared"] == shared.name
+    shared = workspace.root / undefended["measurements"]["reasr"]["details"]["shared"]
+    assert clp["measurements"]["reasr"]["details"]["shared"] == shared.name
     assert clp["metrics"]["reasr"] == undefended["metrics"]["reasr"]
     first = (workspace.root / cells[0].id / "scan.safetensors").read_bytes()
     assert (workspace.root / cells[1].id / "scan.safetensors").read_bytes() == first

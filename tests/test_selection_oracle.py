@@ -23,10 +23,13 @@ from bench.metrics.accuracy import attack_success_rate
 from bench.metrics.selection import (
     ablation_asr,
     oracle_units,
+    random_ablations,
+    random_baseline,
     selection_quality,
     unit_ablation_asr,
 )
 from bench.models.base import build_model
+from bench.runner import catalog_entries
 from defenses.baselines.anp import ANP, ANPConfig
 from defenses.baselines.clp import CLP, CLPConfig
 from defenses.baselines.fp import FinePruning, FinePruningConfig
@@ -96,7 +99,7 @@ def test_oracle_takes_the_largest_drops_and_breaks_ties_by_index():
 def test_recall_and_selection_asr_of_right_wrong_and_half_right_selections(selected, recall, sel_asr):
     model = trigger_model(*GRADED)
     quality = selection_quality(model, {"0": selected, "3": []}, triggered_images(PATCHES), TARGET)
-    assert quality.metrics() == {"sel_asr": sel_asr, "oracle_asr": 0.0, "sel_recall": recall}
+    assert ranked(quality) == {"sel_asr": sel_asr, "oracle_asr": 0.0, "sel_recall": recall}
     assert quality.baseline_asr == 100.0 and quality.images == 4
     assert quality.layers["0"] == {"units": 4, "count": 2, "selected": selected, "oracle": [2, 3],
                                    "overlap": int(recall) // 50, "unit_asr": [100.0, 75.0, 50.0, 25.0]}
@@ -115,7 +118,7 @@ def test_a_backdoor_no_single_ablation_finds_is_judged_by_the_combined_effect():
     quality = selection_quality(model, {"0": [3, 2, 2]}, triggered_images([200] * 5), TARGET)
     assert quality.layers["0"]["unit_asr"] == [100.0] * 4
     assert quality.layers["0"]["selected"] == [2, 3] and quality.layers["0"]["oracle"] == [0, 1]
-    assert quality.metrics() == {"sel_asr": 0.0, "oracle_asr": 100.0, "sel_recall": 0.0}
+    assert ranked(quality) == {"sel_asr": 0.0, "oracle_asr": 100.0, "sel_recall": 0.0}
 
 
 def test_an_empty_selection_has_no_recall_and_the_undefended_asr():
@@ -124,8 +127,45 @@ def test_an_empty_selection_has_no_recall_and_the_undefended_asr():
     quality = selection_quality(model, {"0": [], "4": []}, x, TARGET)
     assert quality.sel_recall is None
     assert quality.sel_asr == quality.oracle_asr == quality.baseline_asr == 100.0
-    assert selection_quality(model, {}, x, TARGET).metrics() == {"sel_asr": 100.0, "oracle_asr": 100.0,
-                                                                   "sel_recall": None}
+    assert selection_quality(model, {}, x, TARGET).metrics() == {"sel_asr": 100.0, "oracle_asr": 100.0, "rand_asr": None,
+                                                                   "sel_recall": None, "sel_acc": None, "rand_acc": None}
+
+
+def ranked(quality) -> dict:
+    """The metrics that judge the selection against the oracle's ranking."""
+    return {name: quality.metrics()[name] for name in ("sel_asr", "oracle_asr", "sel_recall")}
+
+
+def test_the_chance_baseline_is_the_mean_over_random_draws_of_as_many_units():
+    """On the graded model a random pair of the 4 channels leaves W = 7 - w_a - w_b of the weight.
+    Over the 6 pairs the images that still reach the target (W p > 1, p = 40, 46, 70, 128 / 255) are
+    3 (cut 0,1: W = 6), 2 (0,2: W = 5), 1 (0,3: W = 3), 2 (1,2: W = 4), 1 (1,3: W = 2, p = 0.502),
+    0 (2,3) of 4: 37.5% on average. 600 seeded draws land within 4 points of it (the standard error
+    of the mean is 1 point), and each draw's ASR is exactly that of ablating the drawn pair; clean
+    images (0 patch) never reach the target."""
+    model = trigger_model(*GRADED)
+    x = triggered_images(PATCHES)
+    clean = triggered_images([0] * 4)
+    labels = torch.zeros(4, dtype=torch.long)
+    drawn = random_baseline(model, {"0": (4, 2)}, 600, 0, x, TARGET, clean, labels)
+    assert abs(sum(drawn["asr"]) / 600 - 37.5) < 4.0
+    assert drawn["acc"] == [100.0] * 600
+    pairs = random_ablations({"0": (4, 2)}, 600, 0)
+    assert all(len(set(pair["0"])) == 2 and set(pair["0"]) <= {0, 1, 2, 3} for pair in pairs)
+    assert len({tuple(pair["0"]) for pair in pairs}) == 6
+    assert drawn["asr"][:20] == ablation_asr(model, pairs[:20], x, TARGET)
+    quality = selection_quality(model, {"0": [2, 3]}, x, TARGET, clean, labels, draws=600)
+    assert quality.metrics()["rand_asr"] == round(sum(drawn["asr"]) / 600, 2)
+    assert quality.metrics()["sel_acc"] == quality.metrics()["rand_acc"] == 100.0
+    assert quality.to_json()["rand_asr_range"] == [0.0, 75.0]
+
+
+def test_random_draws_depend_on_the_seed_and_the_counts_and_on_nothing_else():
+    layers = {"a": (64, 3), "b": (32, 1)}
+    assert random_ablations(layers, 5, 0) == random_ablations(dict(reversed(layers.items())), 5, 0)
+    assert random_ablations(layers, 5, 0) != random_ablations(layers, 5, 1)
+    assert random_ablations(layers, 5, 0) != random_ablations({"a": (64, 4), "b": (32, 1)}, 5, 0)
+    assert random_ablations(layers, 3, 0) == random_ablations(layers, 5, 0)[:3]
 
 
 def test_selected_units_outside_the_layer_are_refused():
@@ -367,9 +407,11 @@ def test_clp_declares_the_conv_where_it_cuts_the_filter(tmp_path):
 
 
 def test_unit_selecting_defenses_get_selection_metrics_in_results_json(smoke_cell, workspace, tmp_path, capsys):
-    """A smoke grid's none, fp, anp and clp cells store sel_asr, oracle_asr and sel_recall, with the
-    per-layer details, and `python -m bench results --format json` shows them; a defense that
-    selects no unit (ft) gets none of them."""
+    """A smoke grid's none, fp, anp and clp cells store sel_asr, oracle_asr, sel_recall and the
+    chance baseline (rand_asr, rand_acc, with each draw in the details), with the per-layer
+    details, and `python -m bench results --format json` shows them; a defense that selects no unit
+    (ft) gets none of them. The cells of the stage share one computation per layer and per set of
+    counts (the shared directories beside the stage)."""
     import json
 
     from bench import cli
@@ -377,6 +419,7 @@ def test_unit_selecting_defenses_get_selection_metrics_in_results_json(smoke_cel
     from bench.store import ResultStore
 
     store = ResultStore(tmp_path / "bench.sqlite", workspace.root)
+    store.record_catalog(catalog_entries())  # what a run records
     for defense in ("none", "fp", "anp", "clp", "ft"):
         result = smoke_cell("badnets", defense)
         spec = CellSpec.from_json(result["spec"])
@@ -388,18 +431,27 @@ def test_unit_selecting_defenses_get_selection_metrics_in_results_json(smoke_cel
     rows = {row["defense"]: row for row in json.loads(capsys.readouterr().out)}
     for defense in ("none", "fp", "anp", "clp"):
         metrics = rows[defense]["metrics"]
-        assert {"sel_asr", "oracle_asr", "sel_recall"} <= set(metrics), defense
+        assert {"sel_asr", "oracle_asr", "sel_recall", "rand_asr", "rand_acc", "sel_acc"} <= set(metrics), defense
         assert 0 <= metrics["sel_asr"] <= 100 and 0 <= metrics["oracle_asr"] <= 100
-        layers = rows[defense]["details"]["selection"]["layers"]
-        assert sum(layer["count"] for layer in layers.values()) > 0, defense
-        assert rows[defense]["timings"]["oracle_s"] > 0
-    assert "sel_asr" not in rows["ft"]["metrics"]
-    from bench.report import write_report
+        details = rows[defense]["measurements"]["selection"]["details"]
+        assert sum(layer["count"] for layer in details["layers"].values()) > 0, defense
+        assert len(details["rand_asr"]) == len(details["rand_acc"]) == 5
+        assert metrics["rand_asr"] == round(sum(details["rand_asr"]) / 5, 2)
+        assert rows[defense]["timings"]["selection_s"] > 0
+    assert "sel_asr" not in rows["ft"]["metrics"] and "rand_asr" not in rows["ft"]["metrics"]
+    stage = CellSpec.from_json(smoke_cell("badnets", "none")["spec"]).stage
+    selected_layers = {name for defense in ("none", "fp", "anp", "clp")
+                       for name, layer in rows[defense]["measurements"]["selection"]["details"]["layers"].items()
+                       if layer["count"]}
+    per_layer = list(workspace.root.glob(f"{stage.id}-unit-asr-*"))
+    assert len(per_layer) == len(selected_layers), "one single-unit computation per layer, shared by the cells"
+    from bench.reporting import write_report
 
     report = write_report(store, "synthetic", tmp_path / "reports", tsne_figure=False)
     readme = (report / "README.md").read_text()
     section = readme.split("Did the defense hit the backdoor's units?", 1)[1].split("\n## ", 1)[0]
     for defense in ("none", "fp", "anp", "clp"):
         assert f"| {defense} | badnets |" in section
+    assert "random ASR [min–max]" in section and "random C-ACC [min–max]" in section
     assert "| ft |" not in section
     assert (report / "figures" / "selection.png").is_file() and "figures/selection.png" in readme

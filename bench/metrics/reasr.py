@@ -25,6 +25,8 @@ Design choices and why:
 """
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -36,6 +38,9 @@ from torch import nn
 from bench.data.base import DatasetInfo, ImageSet, to_unit
 from bench.device import autocast
 from bench.errors import BenchError
+from bench.metric import Column, MeasureContext, Measurement, Metric
+from bench.registry import register_metric
+from bench.units import last_spatial_layer
 
 
 @dataclass
@@ -63,11 +68,16 @@ class ScanConfig:
     # kept 86.6 and saved 7%. Worth it where a planted trigger converges in a few steps.
     early_stop: bool = False
     seed: int = 0
+    # Which cells are scanned: the benign row's (natural backdoors; the default), every row, or none.
+    # Not part of the scan's computation: cells that share a model share one scan whatever the rows.
+    rows: Literal["benign", "all", "off"] = "benign"
 
     def __post_init__(self) -> None:
         self.bounds = tuple(float(b) for b in self.bounds)
         if not self.bounds or any(not 0.0 < b <= 1.0 for b in self.bounds):
             raise BenchError(f"scan bounds must be fractions of the image area in (0, 1], got {self.bounds}")
+        if self.rows not in ("benign", "all", "off"):
+            raise BenchError(f"scan rows must be 'benign', 'all' or 'off', got {self.rows!r}")
         if self.candidates not in ("all", "stimulation"):
             raise BenchError(f"scan candidates must be 'all' or 'stimulation', got {self.candidates!r}")
         if self.images_per_class < 1 or self.steps < 0 or self.refine_steps < 0 or self.max_candidates < 1:
@@ -174,35 +184,15 @@ class _FrozenEval:
 
 
 # --- candidate labels by neuron stimulation (ABS) -----------------------------------------
-def _last_spatial_layer(model: nn.Module, probe: torch.Tensor) -> str:
-    """The last leaf module (in execution order) whose output is a feature map larger than 1x1."""
-    names = {module: name for name, module in model.named_modules()}
-    order: list[str] = []
-    hooks = []
-    for module in model.modules():
-        if next(module.children(), None) is None:
-            def record(mod, _inp, out, name=names[module]):
-                if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
-                    order.append(name)
-            hooks.append(module.register_forward_hook(record))
-    try:
-        model(probe)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    if not order:
-        raise BenchError("stimulation needs a convolutional layer; use scan candidates='all' for this model")
-    return order[-1]
-
-
-@torch.no_grad()
 def stimulation_candidates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                            config: ScanConfig) -> tuple[list[int], dict]:
     """ABS neuron stimulation: set one channel of an inner layer to a range of values on clean
     images and see which label it elevates. A neuron is suspicious when, on every image not of
     that label, some stimulation level makes that label win by a margin; its score is the
     smallest such margin over the images. Labels of the top-scoring neurons are the candidates."""
-    layer = config.stimulation_layer or _last_spatial_layer(model, x[:1])
+    layer = config.stimulation_layer or last_spatial_layer(model, x[:1])
+    if layer is None:
+        raise BenchError("stimulation needs a convolutional layer; use scan candidates='all' for this model")
     modules = dict(model.named_modules())
     if layer not in modules:
         raise BenchError(f"stimulation layer {layer!r} is not a module of the model")
@@ -427,3 +417,43 @@ def scan(model: nn.Module, images: ImageSet, info: DatasetInfo, config: ScanConf
         seconds=time.perf_counter() - started,
         stimulation=stimulation,
     )
+
+
+def _computation(config: ScanConfig) -> dict:
+    """The settings that determine a scan's result (``rows`` only chooses the cells)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items() if k != "rows"}
+
+
+@register_metric("reasr")
+class Reasr(Metric):
+    """REASR of the cell's model by trigger inversion, on the rows ``rows`` names (the benign row
+    by default: the natural-backdoor measure). The reversed triggers are stored in the cell's
+    ``scan.safetensors``. A model its defense left unchanged is the stage's own, and a scan is a
+    deterministic function of the model and its settings: it is computed once per stage and
+    settings (``Workspace.shared_result``) and every such cell reuses it; on the benign row that is
+    the undefended cell and each defense that found nothing to change (CLP, NC)."""
+
+    Config = ScanConfig
+    version = "3"  # 3: a metric plugin (the scan itself is unchanged since 2)
+    title = "REASR (trigger inversion)"
+    description = "max over mask-size bounds of the inverted trigger's success on held-out images"
+    columns = (Column("reasr", "REASR", "lower", description=description),)
+
+    def applies(self, cell) -> bool:
+        rows = self.config.rows
+        return rows == "all" or (rows == "benign" and cell.stage.attack == "benign")
+
+    def measure(self, ctx: MeasureContext) -> Measurement:
+        from safetensors.torch import save_file
+
+        def compute(directory) -> dict:
+            result = scan(ctx.model, ctx.test, ctx.info, self.config)
+            save_file(result.tensors(), str(directory / "scan.safetensors"))
+            return {"reasr": result.max_reasr, "details": result.to_json()}
+
+        if not ctx.unchanged:
+            computed = compute(ctx.out_dir)
+            return Measurement({"reasr": computed["reasr"]}, computed["details"])
+        shared, directory = ctx.shared.shared_result(ctx.spec.stage, "reasr", _computation(self.config), compute)
+        shutil.copyfile(directory / "scan.safetensors", ctx.out_dir / "scan.safetensors")
+        return Measurement({"reasr": shared["reasr"]}, {**shared["details"], "shared": directory.name})

@@ -1,41 +1,54 @@
 """Selection quality of a defense that resets, prunes or masks units (NONE, Fine-Pruning, ANP, CLP):
-did it pick the units that carry the backdoor?
+did it pick the units that carry the backdoor, and does its choice beat chance?
 
 An evaluation-only oracle, like the detection metrics: it uses ground truth the defense never
-sees, the triggered test images and the attack's target (docs/protocol.md). A defense declares
-its ablated units in ``DefenseResult.selection`` (bench/defense.py), keyed by the module whose
-output channels (dim 1) they are. Three numbers, all measured on the *undefended* model:
+sees, the triggered test images and the attack's target (docs/protocol.md, "Selection quality").
+A defense declares its ablated units in ``DefenseResult.selection`` (bench/defense.py), keyed by
+the module whose output channels (dim 1) they are. All numbers are measured on the *undefended*
+model, with units zeroed and nothing else changed:
 
-- ``sel_asr``: ASR with every selected unit zeroed at once (all layers together), nothing else
-  changed: what the selection alone does to the backdoor;
+- ``sel_asr`` / ``sel_acc``: ASR and clean accuracy with every selected unit zeroed at once (all
+  layers together): what the selection alone does to the backdoor, and what it costs;
 - ``oracle_asr``: ASR with, in each layer, as many units zeroed as the defense selected there,
   chosen as those whose single-unit ablation lowers ASR most (ties: the lower index): the best a
   per-unit ranking can do with the same budget;
+- ``rand_asr`` / ``rand_acc``: the chance baseline: mean ASR and clean accuracy over ``draws``
+  seeded draws of as many units per layer, uniformly at random (each draw's values, and their
+  min and max, are in the details). A selection whose ``sel_asr`` is not clearly below
+  ``rand_asr`` did no better than any ablation of that size; ``sel_acc`` against ``rand_acc``
+  says whether it spared the clean task better than chance;
 - ``sel_recall``: the share of the oracle's units the defense selected, in percent.
 
-Both ASRs are measured before any fine-tuning and on the same model, because what is compared is
-the choice of units, not what a defense's later training makes of it. They are measured
-separately, rather than judging the selection by the recall alone, because a defense may pick
-units that no single ablation identifies: a backdoor spread over several units survives the
-removal of any one of them, so the oracle's ranking can miss it, and then ``sel_asr`` below
-``oracle_asr`` says the defense found what a per-unit search does not. The ablation is zeroing
-the unit's output; a defense whose own ablation leaves a constant instead (ANP zeroes a
-BatchNorm's gamma and keeps its beta) is judged on the zeroed units.
+They are measured before any fine-tuning and on the same model, because what is compared is the
+choice of units, not what a defense's later training makes of it. ``sel_asr`` is measured apart
+from the recall because a defense may pick units that no single ablation identifies: a backdoor
+spread over several units survives the removal of any one of them, so the oracle's ranking can
+miss it, and then ``sel_asr`` below ``oracle_asr`` says the defense found what a per-unit search
+does not. The ablation is zeroing the unit's output; a defense whose own ablation leaves a
+constant instead (ANP zeroes a BatchNorm's gamma and keeps its beta) is judged on the zeroed
+units.
 
-The images are a fixed subset of the triggered test set: the caller passes the first N triggered
-samples (those whose true label is not the target, as for ASR). Percentages have two decimals,
-as in bench/metrics/accuracy.py.
+The images are fixed subsets of the test set: the first N triggered samples (those whose true
+label is not the target, as for ASR) and the first N clean ones. A layer's single-unit ASRs and
+the random draws for given per-layer counts depend only on the undefended model, so they are
+computed once per stage (``Workspace.shared_result``) and shared by every cell that needs them.
+Percentages have two decimals, as in bench/metrics/accuracy.py.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from bench import engine
+from bench.config import require
+from bench.metric import Column, MeasureContext, Measurement, Metric
 from bench.metrics.accuracy import percent
+from bench.registry import register_metric
+from bench.spec import content_hash
+from bench.units import output_channels
 
 # module name -> output channels zeroed together, in every image
 Ablation = Mapping[str, Sequence[int]]
@@ -61,28 +74,6 @@ def _modules(model: nn.Module, names) -> dict[str, nn.Module]:
     if missing:
         raise ValueError(f"no module named {', '.join(map(repr, missing))} in {type(model).__name__}")
     return {name: modules[name] for name in names}
-
-
-def unit_counts(model: nn.Module, module_names: Sequence[str], probe: torch.Tensor) -> dict[str, int]:
-    """Output channels (dim 1) of each named module, from one forward pass of ``probe`` (images).
-    A module that does not run, or does not output a (batch, channels, ...) tensor, is left out:
-    a defense may list such a layer as analysed and untouched (ANP lists every BatchNorm the
-    model defines)."""
-    counts: dict[str, int] = {}
-
-    def record(name: str):
-        def hook(module, inputs, output):
-            if isinstance(output, torch.Tensor) and output.dim() >= 2:
-                counts.setdefault(name, output.shape[1])
-        return hook
-
-    handles = [module.register_forward_hook(record(name)) for name, module in _modules(model, module_names).items()]
-    try:
-        engine.predict(model, probe[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return counts
 
 
 def _require_units(counts: dict[str, int], names: Sequence[str]) -> None:
@@ -161,16 +152,17 @@ def _target_hits(model: nn.Module, ablations: Sequence[Ablation], x: torch.Tenso
     return hits
 
 
-def _asr(hits: torch.Tensor, count: int) -> list[float]:
+def _rates(hits: torch.Tensor, count: int) -> list[float]:
     # float32 division, as accuracy.attack_success_rate's float mean: the same percentages to the digit.
     return [percent(fraction) for fraction in (hits.float() / count).tolist()]
 
 
-def ablation_asr(model: nn.Module, ablations: Sequence[Ablation], x_triggered: torch.Tensor,
-                 y_target: torch.Tensor | int, batch_size: int = BATCH_SIZE) -> list[float]:
-    """ASR (percent) of the model with each ablation's units zeroed, everything else untouched;
-    an empty ablation gives the model's own ASR. The model is left as it was."""
-    return _asr(_target_hits(model, ablations, x_triggered, y_target, batch_size), len(x_triggered))
+def ablation_asr(model: nn.Module, ablations: Sequence[Ablation], x: torch.Tensor,
+                 labels: torch.Tensor | int, batch_size: int = BATCH_SIZE) -> list[float]:
+    """Percent of the images predicted as ``labels`` with each ablation's units zeroed, everything
+    else untouched: ASR for triggered images and their target, clean accuracy for clean images and
+    their true labels. An empty ablation gives the model's own. The model is left as it was."""
+    return _rates(_target_hits(model, ablations, x, labels, batch_size), len(x))
 
 
 def unit_ablation_asr(model: nn.Module, module_names: Sequence[str], x_triggered: torch.Tensor,
@@ -183,11 +175,11 @@ def unit_ablation_asr(model: nn.Module, module_names: Sequence[str], x_triggered
     images times ablations evaluated together). Works on the model's device; the model is left
     as it was (its hooks are removed even when a pass fails). A module called more than once per
     forward pass is zeroed at every call. Cost: one forward pass of every image per unit."""
-    counts = unit_counts(model, module_names, x_triggered)
+    counts = output_channels(model, module_names, x_triggered[:1])
     _require_units(counts, module_names)
     jobs = [(name, unit) for name in module_names for unit in range(counts[name])]
-    asr = _asr(_target_hits(model, [{name: [unit]} for name, unit in jobs], x_triggered, y_target, batch_size),
-               len(x_triggered))
+    asr = _rates(_target_hits(model, [{name: [unit]} for name, unit in jobs], x_triggered, y_target, batch_size),
+                 len(x_triggered))
     result: dict[str, list[float]] = {name: [] for name in module_names}
     for (name, _), value in zip(jobs, asr):
         result[name].append(value)
@@ -200,15 +192,39 @@ def oracle_units(unit_asr: torch.Tensor, count: int) -> list[int]:
     return sorted(order[:count])
 
 
+def random_ablations(layers: Mapping[str, tuple[int, int]], draws: int, seed: int) -> list[dict[str, list[int]]]:
+    """``draws`` ablations of ``k`` units drawn uniformly without replacement from each layer's
+    ``n`` (``layers``: name -> (n, k)). The generator is seeded from ``seed`` and the counts, so the
+    same counts give the same draws in every cell of a stage, and other counts independent ones."""
+    generator = torch.Generator().manual_seed(int(content_hash({"seed": seed, "layers": dict(layers)})[:8], 16))
+    return [{name: sorted(torch.randperm(n, generator=generator)[:k].tolist()) for name, (n, k) in sorted(layers.items())}
+            for _ in range(draws)]
+
+
+def random_baseline(model: nn.Module, layers: Mapping[str, tuple[int, int]], draws: int, seed: int,
+                    x_triggered: torch.Tensor, y_target: torch.Tensor | int, x_clean: torch.Tensor | None = None,
+                    y_clean: torch.Tensor | None = None, batch_size: int = BATCH_SIZE) -> dict[str, list[float]]:
+    """ASR and clean accuracy (percent) of the model under each of ``random_ablations(layers, draws,
+    seed)``: {"asr": [...], "acc": [...]}, one value per draw ("acc" empty without clean images)."""
+    ablations = random_ablations(layers, draws, seed)
+    return {"asr": ablation_asr(model, ablations, x_triggered, y_target, batch_size),
+            "acc": [] if x_clean is None else ablation_asr(model, ablations, x_clean, y_clean, batch_size)}
+
+
 @dataclass
 class SelectionQuality:
-    """``selection_quality``'s answer: the three metrics (bench/metrics/__init__.py), the undefended
-    model's ASR on the same images, and per layer what was selected against the oracle."""
+    """``selection_quality``'s answer: the metrics (``metrics()``), the undefended model's ASR and
+    accuracy on the same images, the chance baseline's draws, and per layer what was selected
+    against the oracle."""
 
     sel_asr: float
     oracle_asr: float
     sel_recall: float | None        # None: the defense selected nothing
+    sel_acc: float | None           # None: measured without clean images
+    rand_asr: list[float]           # one value per random draw (empty: nothing selected, nothing to draw)
+    rand_acc: list[float]
     baseline_asr: float
+    baseline_acc: float | None
     images: int
     # name -> {"units", "count", "selected", "oracle", "overlap", "unit_asr"}; "unit_asr" (each unit's
     # single-ablation ASR) is measured only where the defense selected something, else None;
@@ -216,35 +232,58 @@ class SelectionQuality:
     layers: dict[str, dict]
 
     def metrics(self) -> dict[str, float | None]:
-        return {"sel_asr": self.sel_asr, "oracle_asr": self.oracle_asr, "sel_recall": self.sel_recall}
+        def mean(values: list[float]) -> float | None:
+            return round(sum(values) / len(values), 2) if values else None
+
+        return {"sel_asr": self.sel_asr, "oracle_asr": self.oracle_asr, "rand_asr": mean(self.rand_asr),
+                "sel_recall": self.sel_recall, "sel_acc": self.sel_acc, "rand_acc": mean(self.rand_acc)}
 
     def to_json(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        for name in ("rand_asr", "rand_acc"):
+            values = data[name]
+            data[f"{name}_range"] = [min(values), max(values)] if values else None
+        return data
+
+
+UnitAsr = Callable[[str], torch.Tensor]                                # layer -> its units' single-ablation ASR
+Baseline = Callable[[Mapping[str, tuple[int, int]]], dict[str, list[float]]]  # layer -> (n, k) to draws
 
 
 def selection_quality(model: nn.Module, selection: Mapping[str, Sequence[int]], x_triggered: torch.Tensor,
-                      y_target: torch.Tensor | int, batch_size: int = BATCH_SIZE) -> SelectionQuality:
+                      y_target: torch.Tensor | int, x_clean: torch.Tensor | None = None,
+                      y_clean: torch.Tensor | None = None, *, draws: int = 5, seed: int = 0,
+                      batch_size: int = BATCH_SIZE, unit_asr: UnitAsr | None = None,
+                      baseline: Baseline | None = None) -> SelectionQuality:
     """How well a defense's ``selection`` (module name -> output channels it ablated) hits the
-    backdoor of ``model``, the undefended model, on triggered images (see the module docstring).
+    backdoor of ``model``, the undefended model (see the module docstring).
 
-    ``sel_asr``: ASR with all selected units zeroed together; ``oracle_asr``: the same with, per
-    layer, the k units (k = the defense's count there) whose single ablation lowers ASR most;
-    ``sel_recall``: (sum over layers of |selected & oracle|) / (sum of k), percent, None when k = 0
-    everywhere (then both ASRs are the undefended one). Single-unit ASRs are measured only in
-    layers with k > 0, which is where the oracle chooses."""
+    ``sel_asr`` / ``sel_acc``: ASR / clean accuracy with all selected units zeroed together;
+    ``oracle_asr``: ASR with, per layer, the k units (k = the defense's count there) whose single
+    ablation lowers ASR most; ``rand_asr`` / ``rand_acc``: ``draws`` random draws of k units per
+    layer; ``sel_recall``: (sum over layers of |selected & oracle|) / (sum of k), percent, None when
+    k = 0 everywhere (then the ASRs are the undefended one and there is nothing to draw).
+    ``unit_asr`` and ``baseline`` compute a layer's single-unit ASRs and the draws for given
+    counts; by default directly on ``model`` (a cell passes versions shared across its stage).
+    Without clean images (``x_clean``), the accuracies are None."""
     chosen = {name: sorted({int(unit) for unit in units}) for name, units in selection.items()}
-    counts = unit_counts(model, list(chosen), x_triggered) if chosen else {}
+    counts = output_channels(model, list(chosen), x_triggered[:1]) if chosen else {}
     active = [name for name, units in chosen.items() if units]
     _require_units(counts, active)
     for name in active:
         if not (0 <= chosen[name][0] and chosen[name][-1] < counts[name]):
             raise ValueError(f"selection of {name!r} has units outside 0..{counts[name] - 1}: {chosen[name]}")
-    single = unit_ablation_asr(model, active, x_triggered, y_target, batch_size) if active else {}
+    unit_asr = unit_asr or (lambda name: unit_ablation_asr(model, [name], x_triggered, y_target, batch_size)[name])
+    baseline = baseline or (lambda layers: random_baseline(model, layers, draws, seed, x_triggered, y_target, x_clean,
+                                                           y_clean, batch_size))
+    single = {name: unit_asr(name) for name in active}
     oracle = {name: oracle_units(single[name], len(chosen[name])) for name in active}
-    if active:
-        baseline, sel_asr, oracle_asr = ablation_asr(model, [{}, chosen, oracle], x_triggered, y_target, batch_size)
-    else:
-        baseline = sel_asr = oracle_asr = ablation_asr(model, [{}], x_triggered, y_target, batch_size)[0]
+    chosen_active = {name: chosen[name] for name in active}
+    base_asr, sel_asr, oracle_asr = ablation_asr(model, [{}, chosen_active, oracle], x_triggered, y_target, batch_size)
+    base_acc = sel_acc = None
+    if x_clean is not None:
+        base_acc, sel_acc = ablation_asr(model, [{}, chosen_active], x_clean, y_clean, batch_size)
+    drawn = baseline({name: (counts[name], len(chosen[name])) for name in active}) if active else {"asr": [], "acc": []}
     layers = {}
     for name, units in chosen.items():
         picked = oracle.get(name, [])
@@ -253,5 +292,80 @@ def selection_quality(model: nn.Module, selection: Mapping[str, Sequence[int]], 
                         "unit_asr": single[name].tolist() if name in single else None}
     total = sum(layer["count"] for layer in layers.values())
     recall = percent(sum(layer["overlap"] for layer in layers.values()) / total) if total else None
-    return SelectionQuality(sel_asr=sel_asr, oracle_asr=oracle_asr, sel_recall=recall, baseline_asr=baseline,
+    return SelectionQuality(sel_asr=sel_asr, oracle_asr=oracle_asr, sel_recall=recall, sel_acc=sel_acc,
+                            rand_asr=drawn["asr"], rand_acc=drawn["acc"], baseline_asr=base_asr, baseline_acc=base_acc,
                             images=len(x_triggered), layers=layers)
+
+
+@dataclass
+class SelectionConfig:
+    # Triggered test images behind the oracle (and as many clean ones for the accuracies); 0: off.
+    # Linear cost: every unit of every layer a defense selects in is ablated once over them.
+    samples: int = 1000
+    # Random draws of the chance baseline (mean, min and max over them).
+    draws: int = 5
+
+    def __post_init__(self) -> None:
+        require(self, samples=">= 0", draws=">= 1")
+
+
+@register_metric("selection")
+class Selection(Metric):
+    """Measured on the cells whose defense declares the units it ablated (``DefenseResult.selection``),
+    on attacks with a trigger."""
+
+    Config = SelectionConfig
+    version = "2"  # 2: the chance baseline (rand_asr, rand_acc) and sel_acc
+    title = "Did the defense hit the backdoor's units?"
+    description = (
+        "Measured on the undefended model, before any fine-tuning, on the first test images (the "
+        "defense never sees them): **selection ASR** zeroes exactly the units the defense selected; **oracle "
+        "ASR** zeroes as many units per layer, chosen by their own effect on ASR; **random ASR** zeroes as many "
+        "units per layer drawn at random (mean of the draws, [min–max]); **recall** is the share of the oracle's "
+        "units the defense selected; **selection / random C-ACC** are the clean accuracies under the same "
+        "ablations. A selection no lower than random did no better than chance; selection ASR below the oracle's "
+        "means the backdoor sits in units that only matter together.")
+    columns = (
+        Column("sel_asr", "selection ASR", "lower",
+               description="ASR of the undefended model after ablating the defense's selected units only"),
+        Column("oracle_asr", "oracle ASR", "lower",
+               description="ASR after ablating as many units per layer, chosen by their own effect on ASR"),
+        Column("rand_asr", "random ASR", "lower",
+               description="mean ASR after ablating as many units per layer, drawn uniformly at random"),
+        Column("sel_recall", "selection recall", "higher",
+               description="share of the oracle's top units that the defense selected"),
+        Column("sel_acc", "selection C-ACC", "higher",
+               description="clean accuracy of the undefended model with the selected units ablated"),
+        Column("rand_acc", "random C-ACC", "higher",
+               description="mean clean accuracy with as many units per layer ablated at random"),
+    )
+
+    def measure(self, ctx: MeasureContext) -> Measurement:
+        config: SelectionConfig = self.config
+        if config.samples == 0 or ctx.selection is None or ctx.triggered is None:
+            return Measurement()
+        x_trig, _, y_target = (t[:config.samples] for t in ctx.triggered)
+        x_clean, y_clean = ctx.test.x[:config.samples], ctx.test.y[:config.samples]
+        undefended = ctx.undefended_model()
+        # the CPU is fastest at the oracle's own batch (measured there); a GPU wants the profile's larger one
+        batch_size = max(BATCH_SIZE, ctx.batch_size) if ctx.device.type == "cuda" else BATCH_SIZE
+        stage = ctx.spec.stage
+
+        def unit_asr(name: str) -> torch.Tensor:
+            def compute(_directory) -> dict:
+                return {"unit_asr": unit_ablation_asr(undefended, [name], x_trig, y_target, batch_size)[name].tolist()}
+            result, _ = ctx.shared.shared_result(stage, "unit-asr", {"layer": name, "samples": config.samples}, compute)
+            return torch.tensor(result["unit_asr"], dtype=torch.float64)
+
+        def baseline(layers: Mapping[str, tuple[int, int]]) -> dict[str, list[float]]:
+            key = {"layers": {name: list(nk) for name, nk in sorted(layers.items())}, "samples": config.samples,
+                   "draws": config.draws}
+            result, _ = ctx.shared.shared_result(
+                stage, "random-units", key,
+                lambda _directory: random_baseline(undefended, layers, config.draws, ctx.seed, x_trig, y_target, x_clean,
+                                                   y_clean, batch_size))
+            return {"asr": result["asr"], "acc": result["acc"]}
+
+        quality = selection_quality(undefended, ctx.selection, x_trig, y_target, x_clean, y_clean, draws=config.draws,
+                                    seed=ctx.seed, batch_size=batch_size, unit_asr=unit_asr, baseline=baseline)
+        return Measurement(quality.metrics(), quality.to_json())

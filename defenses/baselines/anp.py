@@ -9,8 +9,9 @@ perturbation (delta on the neuron's weight, xi on its bias, both in [-eps, eps])
 
 and prunes the neurons whose mask ends below a threshold. A "neuron" is an output channel
 of every BatchNorm (its gamma is masked/perturbed, its beta perturbed), found by module
-traversal, so any architecture works without layer names; a model with no BatchNorm uses
-the output channels of its convolutions instead (the filter is masked, the bias perturbed).
+traversal (``modules_of_kind`` in bench/units.py), so any architecture works without layer
+names; a model with no BatchNorm uses the output channels of its convolutions instead (the
+filter is masked, the bias perturbed).
 The mask and perturbation are parametrizations of the layer's weight and bias (gamma *
 (m + delta), beta * (1 + xi)), so the layer's own forward applies them whatever it is.
 
@@ -38,9 +39,7 @@ from bench.config import require
 from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
 from bench.errors import BenchError
 from bench.registry import register_defense
-
-_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from bench.units import modules_of_kind
 
 
 @dataclass
@@ -66,12 +65,9 @@ class ANPConfig(DefenseConfig):
 
 def neuron_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The layers whose output channels ANP treats as neurons: every affine BatchNorm, or,
-    in a model without BatchNorm, every convolution."""
-    bns = [(name, m) for name, m in model.named_modules() if isinstance(m, _BN_TYPES) and m.weight is not None]
-    if bns:
-        return bns
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, _CONV_TYPES) and not getattr(m, "transposed", False)]
+    in a model without BatchNorm, every convolution, in definition order."""
+    bns = [(name, m) for name, m in modules_of_kind(model, "batchnorm") if m.weight is not None]
+    return bns or modules_of_kind(model, "conv")
 
 
 class NeuronMasks:

@@ -7,13 +7,13 @@ prunes the channels whose bound exceeds mean + u * std of that layer's bounds.
 
 Pairing a convolution with "its" BatchNorm is found generically, without layer names or
 module order (the reference code pairs each BN with the last conv defined before it,
-which mispairs pre-activation ResNets): one forward pass of a dummy all-zeros image
-(no data is used) records which tensor each conv produced, and a BatchNorm is paired with
-the conv whose output tensor it receives as its input, unmodified (an in-place op in
-between, such as ReLU(inplace=True), bumps the tensor's version and breaks the pair). A conv whose output feeds no
-BatchNorm directly (the last conv of a pre-activation block, a conv-only model) is scored
-on its own kernel and pruned by zeroing its filter; a paired channel is pruned by zeroing
-the BatchNorm's weight and bias, as in the paper.
+which mispairs pre-activation ResNets): ``conv_bn_pairs`` in bench/units.py runs one
+all-zeros image (no data is used) and pairs a BatchNorm with the conv whose output tensor
+it receives as its input, unmodified (an in-place op in between, such as
+ReLU(inplace=True), bumps the tensor's version and breaks the pair). A conv whose output
+feeds no BatchNorm directly (the last conv of a pre-activation block, a conv-only model)
+is scored on its own kernel and pruned by zeroing its filter; a paired channel is pruned
+by zeroing the BatchNorm's weight and bias, as in the paper.
 """
 from __future__ import annotations
 
@@ -22,13 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bench import units
 from bench.config import require
 from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
 from bench.errors import BenchError
 from bench.registry import register_defense
-
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
 @dataclass
@@ -60,50 +58,13 @@ def outliers(bounds: torch.Tensor, u: float) -> torch.Tensor:
     return torch.nonzero(bounds > bounds.mean() + u * bounds.std()).flatten()
 
 
-@torch.no_grad()
 def conv_bn_pairs(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, nn.Module, nn.Module | None, str | None]]:
-    """(conv name, conv, bn or None, bn name) for every conv reached by a forward pass, in execution order."""
-    produced: dict[int, tuple[str, int]] = {}  # id(output tensor) -> (conv name, tensor version)
-    executed: list[str] = []
-    paired: dict[str, list[str]] = {}
-    names = {module: name for name, module in model.named_modules()}
-    keep_alive: list[torch.Tensor] = []  # ids stay unique only while the tensors live
-
-    def conv_hook(module, inputs, output):
-        name = names[module]
-        executed.append(name)
-        produced[id(output)] = (name, output._version)
-        keep_alive.append(output)
-
-    def bn_hook(module, inputs):
-        source = produced.get(id(inputs[0]))
-        if source is not None and inputs[0]._version == source[1]:
-            paired.setdefault(source[0], []).append(names[module])
-
-    handles = []
-    for module in model.modules():
-        if isinstance(module, _CONV_TYPES) and not getattr(module, "transposed", False):
-            handles.append(module.register_forward_hook(conv_hook))
-        elif isinstance(module, _BN_TYPES):
-            handles.append(module.register_forward_pre_hook(bn_hook))
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        model(torch.zeros((1, *input_shape), device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    """(conv name, conv, bn or None, bn name) for every conv reached by a forward pass, in execution
+    order: bench/units.py's pairs, on one all-zeros image (CLP uses no data). A conv called twice
+    is scored once."""
     modules = dict(model.named_modules())
-    pairs = []
-    for conv_name in dict.fromkeys(executed):  # a conv called twice is scored once
-        bns = paired.get(conv_name, [])
-        if bns:
-            pairs += [(conv_name, modules[conv_name], modules[bn], bn) for bn in bns]
-        else:
-            pairs.append((conv_name, modules[conv_name], None, None))
-    return pairs
+    return [(conv, modules[conv], modules[bn] if bn is not None else None, bn)
+            for conv, bn in units.conv_bn_pairs(model, torch.zeros((1, *input_shape)))]
 
 
 @register_defense("clp")

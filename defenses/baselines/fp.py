@@ -30,11 +30,11 @@ from torch import nn
 
 from bench import engine
 from bench.config import require
-from bench.data.base import to_unit
 from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
 from bench.device import autocast
 from bench.errors import BenchError
 from bench.registry import register_defense
+from bench.units import last_conv
 
 
 @dataclass
@@ -46,20 +46,6 @@ class FinePruningConfig(DefenseConfig):
 
     def __post_init__(self) -> None:
         require(self, acc_ratio="(0, 1]", max_prune_ratio="[0, 1]", epochs=">= 1", lr="> 0")
-
-
-def last_conv_name(model: nn.Module, probe: torch.Tensor) -> str | None:
-    """Name of the last ``nn.Conv2d`` to run in a forward pass (recorded, for the report)."""
-    order: list[str] = []
-    handles = [module.register_forward_hook(lambda m, i, o, name=name: order.append(name))
-               for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            model.eval()(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order[-1] if order else None
 
 
 @torch.no_grad()
@@ -136,7 +122,6 @@ class FinePruning(Defense):
         final_features, _ = reserve_features(model, ctx.reserve, ctx.finetune_config.batch_size)
         with torch.no_grad():
             final_acc = (classifier(final_features).argmax(1) == labels).float().mean().item()
-        probe = to_unit(ctx.reserve.x[:2])
         details = {
             "channels": channels,
             "pruned": pruned,
@@ -147,7 +132,8 @@ class FinePruning(Defense):
             "reserve_acc_pruned": round(100 * float(path[pruned]), 2),
             "reserve_acc_final": round(100 * final_acc, 2),
             "reserve_acc_path": [round(100 * float(a), 2) for a in path],  # index = channels pruned
-            "last_conv": last_conv_name(model, probe.to(classifier.weight.device)),
+            # The paper's layer, for the report; the cut itself is at body's output (module doc).
+            "last_conv": last_conv(model, ctx.reserve.x[:2]),
             "finetune_epochs": recipe.epochs,
             "finetune_lr": recipe.lr,
         }

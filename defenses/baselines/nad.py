@@ -8,18 +8,12 @@
    the paper's three residual groups, shallow to deep).
 
 Which depths, for any architecture: the paper taps the outputs of the network's last
-three stages (groups of layers at one spatial resolution). We find them with one probe
-forward pass that hooks every module of the body. A module's output is a candidate when
-it is a 4-D map at a spatial size some ``nn.Conv2d`` produces (a convolutional feature
-map, not e.g. a transformer's (heads, tokens, dim) tensor), larger than 1x1 (a
-one-position map is constant after normalisation), and the module is not a
-normalisation layer (an affine copy of its input; in pre-activation blocks the next
-stage's first BatchNorm still runs at the old resolution). Hooks fire when a module
-finishes, so for each spatial size the candidate that finishes last is that stage's
-output (a container such as a ResNet stage finishes after its inner layers); the
-deepest ``len(betas)`` sizes are used. On PreAct-ResNet18 this picks layer2/layer3/layer4
-(the layers BackdoorBench taps), on timm's ConvNeXt stages.0-2, on the small CNN the
-last ReLU at each resolution.
+three stages (groups of layers at one spatial resolution). ``stage_outputs`` in
+bench/units.py finds them in one probe forward pass: per spatial size a convolution
+of the body outputs, the module (not a normalisation) whose output at that size is
+computed last; the deepest ``len(betas)`` sizes are used. On PreAct-ResNet18 this picks
+layer2/layer3/layer4 (the layers BackdoorBench taps), on timm's ConvNeXt stages.0-2, on
+the small CNN the last ReLU at each resolution.
 """
 from __future__ import annotations
 
@@ -32,12 +26,10 @@ from torch import nn
 
 from bench import engine
 from bench.config import require
-from bench.data.base import to_unit
 from bench.defense import Defense, DefenseConfig, DefenseContext, DefenseResult
 from bench.errors import BenchError
 from bench.registry import register_defense
-
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+from bench.units import stage_outputs
 
 
 @dataclass
@@ -53,41 +45,6 @@ class NADConfig(DefenseConfig):
         if not self.betas:
             raise ValueError("betas must name at least one stage")
         require(self, betas=">= 0", p="> 0", teacher_epochs=">= 1", teacher_lr="> 0", epochs=">= 1", lr="> 0")
-
-
-def stage_outputs(model: nn.Module, probe: torch.Tensor, count: int) -> list[str]:
-    """Names of the modules whose outputs are the last ``count`` stages' feature maps (see module doc)."""
-    body = getattr(model, "body", model)
-    records: dict[str, tuple[int, tuple[int, ...] | None, bool]] = {}
-    step = [0]
-    conv_sizes: set[tuple[int, ...]] = set()
-
-    def hook(name: str, module: nn.Module):
-        def record(_module, _inputs, output):
-            step[0] += 1
-            size = tuple(output.shape[2:]) if isinstance(output, torch.Tensor) and output.dim() == 4 else None
-            records[name] = (step[0], size, isinstance(module, _NORMS))
-            if size is not None and isinstance(module, nn.Conv2d):
-                conv_sizes.add(size)
-        return record
-
-    handles = [module.register_forward_hook(hook(name, module))
-               for name, module in body.named_modules() if name]
-    try:
-        with torch.no_grad():
-            model.eval()(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-    last_by_size: dict[tuple[int, ...], tuple[int, str]] = {}
-    for name, (when, size, is_norm) in records.items():
-        if size not in conv_sizes or is_norm or size[0] * size[1] <= 1:
-            continue
-        if size not in last_by_size or when > last_by_size[size][0]:
-            last_by_size[size] = (when, name)
-    stages = sorted(last_by_size.values())
-    return [name for _, name in stages[-count:]]
 
 
 def attention_map(feature_map: torch.Tensor, p: float) -> torch.Tensor:
@@ -129,8 +86,7 @@ class NeuralAttentionDistillation(Defense):
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
 
-        probe = to_unit(ctx.reserve.x[:2])
-        layers = stage_outputs(student, probe, len(cfg.betas))
+        layers = stage_outputs(student, ctx.reserve.x[:2], len(cfg.betas))
         if not layers:
             raise BenchError("nad found no convolutional feature maps to distil in this model")
         betas = cfg.betas[-len(layers):]  # fewer stages than betas: keep the deep ones' weights

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -90,15 +91,19 @@ class NONE(Defense):
     # Benign rows measure natural backdoors: the paper's natural preset applies there.
     defaults_for_attack = {"benign": {"preset": "natural"}}
     version = "1"
+    display_name = "NONE"
+    focus = True  # the defense this benchmark centres on
+    headline = "The NONE paper reports 54.83× on average over five datasets and five attacks."
     report_figures_title = "NONE diagnostics"
     report_figures_caption = ("Drawn by the NONE defense: channel scores per analysed layer and the per-sample "
                               "detection score histogram (poisoned vs clean by ground truth).")
 
     @classmethod
-    def report_figures(cls, artifact_dir, poisoned_indices):
-        from defenses.none.diagnostics import render_diagnostics
+    def report_figures(cls, artifact_dir, details, poisoned_indices):
+        from safetensors.torch import load_file
 
-        return [render_diagnostics(artifact_dir, poisoned_indices)]
+        return [diagnostics.render(artifact_dir, load_file(str(Path(artifact_dir) / "defense.safetensors")), details,
+                                   poisoned_indices)]
 
     def run(self, ctx: DefenseContext) -> DefenseResult:
         cfg: NoneConfig = self.config

@@ -2,8 +2,9 @@
 and the per-sample detection score histogram with the Jenks break.
 
 The defense never sees which samples are poisoned, so it writes the figure without the
-split; the report calls ``render_diagnostics(cell_dir, poisoned_indices)`` afterwards to
-redraw it with the histogram split by ground truth, from what the cell stored.
+split; the cell pipeline then redraws it, through ``NONE.report_figures``, with the histogram
+split by ground truth (bench/cell.py, ``draw_defense_figures``); ``render_diagnostics(cell_dir,
+poisoned_indices)`` redraws a finished cell's figure from what it stored.
 """
 from __future__ import annotations
 

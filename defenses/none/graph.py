@@ -6,9 +6,14 @@ input slice j of the single layer that consumes the channel. Which BatchNorm and
 consumer those are is read from the model's dataflow graph, never from parameter names,
 so the same code serves every architecture.
 
-Primary method: ``torch.fx`` symbolic tracing plus shape propagation on one real batch.
+Which layers run, in what order and how often comes from one forward pass of a real batch
+(``trace`` in bench/units.py), whichever method then reads the links.
+
+Primary method: ``torch.fx`` symbolic tracing plus shape propagation on the same batch.
 Convolutions, linear layers and BatchNorms (including subclasses, e.g. timm's fused
-BatchNorm+activation) are kept as leaf modules so they appear as single graph nodes.
+BatchNorm+activation) are kept as leaf modules so they appear as single graph nodes. A graph
+that calls a module a different number of times than the forward pass did is not the model
+that runs: then the fallback applies.
 
 * The BatchNorm is linked only when it is the *only* user of the layer's output. In a
   PreAct residual block the BatchNorm comes after the residual add, so the block's last
@@ -28,9 +33,9 @@ BatchNorm+activation) are kept as leaf modules so they appear as single graph no
   method (``x.relu()``), taking it as its only tensor input. It is never reset; NONE can
   read its output instead of the layer's (``defense.none.site=act``, see ``read_sites``).
 
-Fallback, for models fx cannot trace (data-dependent control flow): forward hooks on one
-real batch. Tensor identities link a layer to a BatchNorm whose input is exactly that
-layer's output tensor and which is the only module receiving it. Functional operations
+Fallback, for models fx cannot trace (data-dependent control flow): the forward pass's own
+record. Tensor identities link a layer to a BatchNorm whose input is exactly that
+layer's output tensor and which is the only layer or BatchNorm receiving it. Functional operations
 (``x + shortcut``, ``torch.cat``) are invisible to hooks, so no consumer can be shown to
 be unambiguous: in this mode no consumer slice is ever zeroed (documented in the result),
 and for the same reason no activation is linked.
@@ -41,6 +46,7 @@ import fnmatch
 import functools
 import inspect
 import operator
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Callable, Literal, get_args
 
@@ -49,22 +55,20 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from bench.units import ACTIVATIONS, IDENTITIES, ModelUnits, trace
+
 ANALYSABLE = (nn.Conv2d, nn.Linear)
 BATCHNORM = nn.modules.batchnorm._BatchNorm
 
-# Elementwise activations: NONE's ``act`` site, and channel-wise on the way to a consumer.
-_ACTIVATION_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
-)
+# Elementwise activations (modules: bench/units.py's ``activation`` kind): NONE's ``act`` site,
+# and channel-wise on the way to a consumer.
 _ACTIVATION_FUNCTIONS = {
     F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish,
     F.hardswish, F.hardsigmoid, F.hardtanh, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.softplus,
 }
 _ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
 # Modules that map channel j of their only tensor input to channel j of their output.
-_EVAL_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
-_CHANNELWISE_MODULES = _ACTIVATION_MODULES + _EVAL_IDENTITIES + (
+_CHANNELWISE_MODULES = ACTIVATIONS + IDENTITIES + (
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
 )
 _CHANNELWISE_FUNCTIONS = _ACTIVATION_FUNCTIONS | {
@@ -125,15 +129,16 @@ def analyse_model(model: nn.Module, example: torch.Tensor, *, patterns: tuple[st
     every Conv2d (and Linear with ``include_linear``) except the first convolution and the
     last linear layer (the classifier).
     """
+    units = trace(model, example)
     was_training = model.training
     model.eval()  # a shape-propagation pass must not move BatchNorm running statistics
     try:
         with torch.no_grad():
             try:
-                return _analyse_fx(model, example, patterns, include_linear, skip_first_conv)
-            except Exception as exc:  # tracing limits vary by model; the hook path always applies
+                return _analyse_fx(model, example, units, patterns, include_linear, skip_first_conv)
+            except Exception as exc:  # tracing limits vary by model; the traced pass always applies
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-                return _analyse_hooks(model, example, patterns, include_linear, skip_first_conv, reason)
+                return _analyse_hooks(units, patterns, include_linear, skip_first_conv, reason)
     finally:
         model.train(was_training)
 
@@ -170,19 +175,20 @@ def _channels(module: nn.Module) -> int:
 
 
 # --- torch.fx -----------------------------------------------------------------------------
-def _analyse_fx(model, example, patterns, include_linear, skip_first_conv) -> ModelGraph:
+def _analyse_fx(model, example, units: ModelUnits, patterns, include_linear, skip_first_conv) -> ModelGraph:
     graph = _LeafTracer().trace(model)
     gm = fx.GraphModule(model, graph)  # shares the model's modules and parameters
     ShapeProp(gm).propagate(example)
     modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    order: list[tuple[str, nn.Module]] = []
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-            module = modules[node.target]
-            if isinstance(module, ANALYSABLE) and calls[node.target] == 1:
-                order.append((node.target, module))
+    nodes = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    for target, count in nodes.items():
+        if len(units[target].calls) != count:
+            raise RuntimeError(f"the graph calls {target} {count} times, the forward pass "
+                               f"{len(units[target].calls)}")
+    calls = {target: len(units[target].calls) for target in nodes}
+    # Modules inside a leaf node (children of a fused BatchNorm, say) have no node to link.
+    order = [(unit.name, unit.module) for unit in units.executed()
+             if unit.name in nodes and isinstance(unit.module, ANALYSABLE)]
     chosen, excluded = _select(order, calls, patterns, include_linear, skip_first_conv)
     node_of = {node.target: node for node in graph.nodes if node.op == "call_module"}
     layers = []
@@ -275,10 +281,10 @@ def _find_activation(source: fx.Node, modules: dict[str, nn.Module]) -> tuple[st
         rest = (*user.args[1:], *user.kwargs.values())
         if _other_tensor_inputs(user, node) or any(isinstance(a, fx.Node) for a in rest):
             return None, None, f"no activation: {_describe(node)} feeds {_describe(user)}"
-        if not _is_module(user, modules, _EVAL_IDENTITIES):
+        if not _is_module(user, modules, IDENTITIES):
             break
         node = user
-    if user.op == "call_module" and isinstance(modules.get(user.target), _ACTIVATION_MODULES):
+    if user.op == "call_module" and isinstance(modules.get(user.target), ACTIVATIONS):
         # A shared activation module (torchvision's ResNet reuses one ReLU) is still one function.
         module = modules[user.target]
         return user.target, _out_of_place(module, bool(getattr(module, "inplace", False))), None
@@ -344,42 +350,20 @@ def _describe(node: fx.Node) -> str:
     return f"{node.op} {node.target}"
 
 
-# --- forward hooks --------------------------------------------------------------------------
-def _analyse_hooks(model, example, patterns, include_linear, skip_first_conv, reason) -> ModelGraph:
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    events: list[tuple[str, int, int]] = []  # (module name, id of input tensor, id of output tensor)
-    alive: list[torch.Tensor] = []           # keep tensors alive so their ids stay unique
-
-    def hook(name):
-        def record(module, inputs, output):
-            calls[name] = calls.get(name, 0) + 1
-            first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-            if first is not None and isinstance(output, torch.Tensor):
-                alive.extend((first, output))
-                events.append((name, id(first), id(output)))
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()
-               if n and isinstance(m, ANALYSABLE + (BATCHNORM,))]
-    try:
-        model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    order = []
-    for name, _, _ in events:
-        if isinstance(modules[name], ANALYSABLE) and name not in {n for n, _ in order}:
-            order.append((name, modules[name]))
+# --- the traced pass alone ------------------------------------------------------------------
+def _analyse_hooks(units: ModelUnits, patterns, include_linear, skip_first_conv, reason) -> ModelGraph:
+    linkable = ANALYSABLE + (BATCHNORM,)
+    order = [(unit.name, unit.module) for unit in units.executed() if unit.name and isinstance(unit.module, ANALYSABLE)]
+    calls = {name: len(unit.calls) for name, unit in units.units.items() if isinstance(unit.module, linkable)}
     chosen, excluded = _select(order, calls, patterns, include_linear, skip_first_conv)
     layers = []
     for name in chosen:
-        module = modules[name]
+        module = units[name].module
         link = LayerLink(name, "Conv2d" if isinstance(module, nn.Conv2d) else "Linear", _channels(module),
                          note="hook fallback: consumers and activations cannot be shown unambiguous without a graph")
-        output_id = next(out for n, _, out in events if n == name)
-        receivers = [n for n, inp, _ in events if inp == output_id]
-        if len(receivers) == 1 and isinstance(modules[receivers[0]], BATCHNORM) and calls[receivers[0]] == 1:
+        receivers = [call.module for call in units.readers(units[name].calls[0].output)
+                     if call.module and isinstance(units[call.module].module, linkable)]
+        if len(receivers) == 1 and isinstance(units[receivers[0]].module, BATCHNORM) and calls[receivers[0]] == 1:
             link.bn = receivers[0]
         layers.append(link)
     return ModelGraph(layers, "hooks", fallback_reason=reason, excluded=excluded)

@@ -5,7 +5,6 @@ for DER); a failed entry reads "failed", a missing one "—", never a blank or a
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import math
@@ -13,8 +12,7 @@ import shlex
 
 import pandas as pd
 
-from bench.report.collect import (
-    DETECTION_METRICS,
+from bench.reporting.collect import (
     MAIN_METRICS,
     Setup,
     aggregate,
@@ -27,7 +25,7 @@ from bench.report.collect import (
 )
 
 # First line of every generated page: what made it, and where hand-written notes go instead.
-HEADER = ("<!-- Generated from the results store by bench.report (`python -m bench report`); edits are overwritten. "
+HEADER = ("<!-- Generated from the results store by bench.reporting (`python -m bench report`); edits are overwritten. "
           "Put hand-written notes in NOTES.md beside this file: they are included below. -->")
 
 
@@ -106,7 +104,10 @@ def results_table(setup: Setup) -> str:
     return markdown_table(["defense \\ attack", *attacks], rows, ["l"] + ["c"] * len(attacks))
 
 
-def detection_table(setup: Setup, focus: str = "none") -> str | None:
+DETECTION = ("det_precision", "det_recall", "det_fpr", "det_flagged")  # bench/metrics/detection.py's columns
+
+
+def detection_table(setup: Setup, focus: str) -> str | None:
     """Defenses that flag training samples (NONE, ABL, ...): precision / recall / FPR per attack;
     the focus defense always has its rows, so that "flagged nothing" shows."""
     frame = setup.cells
@@ -114,15 +115,14 @@ def detection_table(setup: Setup, focus: str = "none") -> str | None:
                 or frame.loc[frame["defense_label"] == d, "defense"].iloc[0] == focus]
     if not flagging:
         return None
-    table = aggregate(frame, ["defense_label", "attack_label"], DETECTION_METRICS + ("poisoned",))
+    table = aggregate(frame, ["defense_label", "attack_label"], DETECTION + ("poisoned",))
     rows = []
     for defense in flagging:
         for attack in setup.attacks:
             record = lookup(table, defense_label=defense, attack_label=attack)
             status = status_of(record)
             if status in ("done", "partial"):
-                cells = [fmt_stat(record, name) for name in ("det_precision", "det_recall", "det_fpr", "det_flagged",
-                                                             "poisoned")]
+                cells = [fmt_stat(record, name) for name in DETECTION + ("poisoned",)]
                 if status == "partial":
                     cells[-1] += f" ({record['n_done']}/{record['n']} seeds done)"
             else:
@@ -131,12 +131,32 @@ def detection_table(setup: Setup, focus: str = "none") -> str | None:
     return markdown_table(["defense", "attack", "precision %", "recall %", "FPR %", "flagged", "poisoned"], rows)
 
 
+def metric_table(setup: Setup, columns: list[dict]) -> str | None:
+    """One row per (defense, attack) with a value in any of ``columns`` (as the catalog records
+    them: name, display, unit), mean ± std over seeds: the section of a metric without one of its own."""
+    names = tuple(column["name"] for column in columns)
+    frame = setup.cells
+    if not names or not frame[list(names)].notna().any().any():
+        return None
+    table = aggregate(frame, ["defense_label", "attack_label"], names)
+    rows = []
+    for defense in setup.defenses:
+        for attack in setup.attacks:
+            record = lookup(table, defense_label=defense, attack_label=attack)
+            status = status_of(record)
+            if status not in ("done", "partial") or all(math.isnan(record[name]) for name in names):
+                continue
+            rows.append([defense, attack, *(fmt_stat(record, name) for name in names)])
+    header = [f"{column['display']} ({column['unit']})" if column.get("unit") else column["display"] for column in columns]
+    return markdown_table(["defense", "attack", *header], rows) if rows else None
+
+
 def cost_table(setup: Setup) -> str:
     """Wall seconds: the attack stage (training the undefended model, shared by all defenses)
     and each defense on top of it; mean over seeds."""
     frame = setup.cells
     stage_times = frame.drop_duplicates("stage_id")
-    defense_times = aggregate(frame, ["defense_label", "attack_label"], ("defense_s", "eval_s"))
+    defense_times = aggregate(frame, ["defense_label", "attack_label"], ("defense_s", "metrics_s"))
     defenses = setup.defenses
     rows = []
     for attack in setup.attacks:
@@ -193,10 +213,10 @@ def compute_seconds(setup: Setup) -> float:
     """Wall time of every stage and cell of the setup (what running it again would take here)."""
     frame = setup.cells
     stages = frame.drop_duplicates("stage_id")["stage_s"].fillna(0).sum()
-    return float(stages + frame["defense_s"].fillna(0).sum() + frame["eval_s"].fillna(0).sum())
+    return float(stages + frame["defense_s"].fillna(0).sum() + frame["metrics_s"].fillna(0).sum())
 
 
-def setup_table(setup: Setup, dataset: str) -> str:
+def setup_table(setup: Setup, dataset: str, catalog) -> str:
     frame = setup.cells
     d = setup.description
     environments = [e for e in frame["environment"] if e]
@@ -221,7 +241,8 @@ def setup_table(setup: Setup, dataset: str) -> str:
     counts = frame["status"].value_counts()
     seeds = sorted(frame["seed"].unique().tolist())
     rows = [
-        ["dataset", dataset], ["model", d.get("model")], ["profile", d.get("profile")],
+        ["dataset", dataset], ["data", catalog.data_source(dataset, d.get("data_variant", ""))],
+        ["model", d.get("model")], ["profile", d.get("profile")],
         ["seeds", ", ".join(map(str, seeds)) + (" (mean ± sample std over seeds)" if len(seeds) > 1 else "")],
         ["attack stage training", _recipe(d.get("train"))], ["fine-tuning recipe (defaults)", _recipe(d.get("finetune"))],
         ["poisoning", "; ".join(rates) or DASH],
@@ -238,7 +259,7 @@ def _cli_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
-        return "none"
+        return "null"  # what the command line reads as None (bench/config.py)
     return short(value)
 
 
@@ -258,9 +279,14 @@ def _user_overrides(frame: pd.DataFrame) -> list[str]:
     for _, row in frame.iterrows():
         user_set = row["user_set"]
         for section, name in (("attack", row["attack"]), ("defense", row["defense"]), ("train", None),
-                              ("finetune", None), ("eval", None)):
+                              ("finetune", None)):
             for key, value in (user_set.get(section) or {}).items():
                 option = f"{section}.{name}.{key}" if name else f"{section}.{key}"
+                if _cli_value(value) not in values.setdefault(option, []):
+                    values[option].append(_cli_value(value))
+        for metric, settings in (user_set.get("metric") or {}).items():
+            for key, value in settings.items():
+                option = f"metric.{metric}.{key}"
                 if _cli_value(value) not in values.setdefault(option, []):
                     values[option].append(_cli_value(value))
     return [f"{option}={','.join(vals)}" for option, vals in sorted(values.items())]
@@ -286,18 +312,14 @@ def reproduce_commands(setup: Setup, dataset: str) -> list[str]:
 def reproduce_command(setup: Setup, dataset: str, frame: pd.DataFrame | None = None) -> str:
     """One ``python -m bench run`` command for ``frame`` (default: the setup's cells): the plugin
     files, the setup, and the ``-o`` options each cell recorded as set by its user."""
-    from bench.registry import PROFILES
-
     frame = setup.cells if frame is None else frame
     d = setup.description
     parts = ["python -m bench run"]
     # The --plugin files the cells used, at the paths they were loaded from (their code is part of the ids).
     files = sorted({p["path"] for plugins in frame.get("plugins", []) for p in plugins or [] if p.get("via") == "file"})
     parts += [f"--plugin {shlex.quote(path)}" for path in files]
-    parts += [f"--dataset {dataset}", f"--profile {d.get('profile')}"]
-    profile = PROFILES.get(d.get("profile")) if d.get("profile") in PROFILES else None
-    if profile is None or profile.model != d.get("model"):
-        parts.append(f"--model {d.get('model')}")
+    # the model always: a profile's default model may change, the command must not
+    parts += [f"--dataset {dataset}", f"--profile {d.get('profile')}", f"--model {d.get('model')}"]
     parts.append("--attacks " + ",".join(sorted(frame["attack"].unique())))
     parts.append("--defenses " + ",".join(sorted(frame["defense"].unique())))
     seeds = sorted(frame["seed"].unique().tolist())
@@ -305,14 +327,8 @@ def reproduce_command(setup: Setup, dataset: str, frame: pd.DataFrame | None = N
         parts.append("--seeds " + ",".join(map(str, seeds)))
     if all(isinstance(user_set, dict) for user_set in frame["user_set"]):
         overrides = _user_overrides(frame)
-    else:  # a store written before the user's fields were recorded: the recipes and sweeps, at least
+    else:  # a store written before the user's fields were recorded: the sweeps, at least
         overrides = []
-        if profile is not None:
-            for section, default in (("train", dataclasses.asdict(profile.train_for(dataset))),
-                                     ("finetune", dataclasses.asdict(profile.finetune))):
-                for key, value in sorted((d.get(section) or {}).items()):
-                    if json.dumps(default.get(key), default=str) != json.dumps(value, default=str):
-                        overrides.append(f"{section}.{key}={_cli_value(value)}")
         for kind in ("attack", "defense"):
             for name in sorted(frame[kind].unique()):
                 sub = frame[frame[kind] == name]

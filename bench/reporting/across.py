@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from bench.report.collect import (
+from bench.reporting.collect import (
     ReportData,
     aggregate,
     canonical,
@@ -21,12 +21,12 @@ from bench.report.collect import (
     status_of,
     variant_labels,
 )
-from bench.report.tables import fmt_stat, markdown_table
+from bench.reporting.tables import fmt_stat, markdown_table
 
-METRICS = ("undef_c_acc", "undef_asr", "c_acc", "asr", "sel_asr", "oracle_asr", "sel_recall", "det_precision",
-           "det_recall")
+METRICS = ("undef_c_acc", "undef_asr", "c_acc", "asr", "sel_asr", "oracle_asr", "rand_asr", "sel_recall",
+           "det_precision", "det_recall")
 HEADER = ["setup", "configuration", "attack", "undefended C-ACC", "undefended ASR", "C-ACC", "ASR", "selection ASR",
-          "oracle ASR", "sel. recall %", "det. precision %", "det. recall %", "seeds"]
+          "oracle ASR", "random ASR", "sel. recall %", "det. precision %", "det. recall %", "seeds"]
 
 
 def table(data: ReportData, focus: str) -> str | None:

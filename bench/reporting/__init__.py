@@ -2,12 +2,14 @@
 its rows point to): ``reports/<dataset>/`` (README.md with tables and figures, results.csv,
 results.json, figures/) and ``reports/README.md`` across datasets.
 
-Modules: ``collect`` (store -> tidy frame), ``tables`` (markdown), ``figures`` (seaborn),
-``tsne`` (the features cells stored), ``diagnostics`` (figures defenses ship for their own
+Modules: ``catalog`` (what the runs recorded of the plugins: display names, metric columns,
+focus), ``collect`` (store -> tidy frame), ``tables`` (markdown), ``figures`` (seaborn),
+``tsne`` (the features cells stored), ``diagnostics`` (figures defenses drew for their own
 cells), ``reasr`` (the trigger-inversion scan: table and figures), ``selection`` (did a defense
 hit the backdoor's units), ``exports`` (CSV/JSON), ``summary`` (cross-dataset measures).
-The *focus* defense (NONE by default, ``report --focus``) gets the headline ASR reduction
-factor and the t-SNE panel beside the undefended model.
+Every metric the catalog records gets a section: its own module's where it has one, else a
+table of its columns. The *focus* defense (``report --focus``; by default the one the catalog
+names, NONE) gets the headline ASR reduction factor and the t-SNE panel beside the undefended model.
 """
 from __future__ import annotations
 
@@ -16,8 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from bench.metrics import METRICS
-from bench.report import (
+from bench.reporting import (
     across,
     diagnostics,
     exports,
@@ -28,17 +29,22 @@ from bench.report import (
     tables,
     tsne,
 )
-from bench.report.collect import ReportData, Setup, load
-from bench.report.figures import FigureFile
-from bench.report.palette import defense_palette
-from bench.report.summary import focus_name, reduction_factor, write_index
+from bench.reporting import (
+    reference as published,
+)
+from bench.reporting.collect import ReportData, Setup, load
+from bench.reporting.figures import FigureFile
+from bench.reporting.palette import defense_palette
+from bench.reporting.summary import reduction_factor, resolve_focus, write_index
 
 __all__ = ["write_report", "write_index", "load"]
 
 
-def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True, focus: str = "none") -> Path:
+def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True, focus: str | None = None,
+                 reference: Path | None = None) -> Path:
     """Write ``<out_dir>/<dataset>/`` (README.md, results.csv, results.json, figures/) and return
-    that directory. ``tsne_figure=False`` skips the t-SNE embedding (the slowest part)."""
+    that directory. ``tsne_figure=False`` skips the t-SNE embedding (the slowest part);
+    ``reference``: a file of published outcomes to score every setup against (reference.py)."""
     plugin_notes = load_recorded_plugins(store.cells(dataset=dataset))
     data = load(store, dataset)
     directory = Path(out_dir) / dataset
@@ -48,7 +54,9 @@ def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True
     figure_dir.mkdir()
     exports.write_csv(data, directory / "results.csv")
     exports.write_json(data, directory / "results.json")
-    palette = defense_palette(sorted(data.cells["defense"].unique()) if not data.cells.empty else [])
+    focus = resolve_focus(data.catalog, focus)
+    name = data.catalog.defense_display(focus)
+    palette = defense_palette(data.catalog, sorted(data.cells["defense"].unique()) if not data.cells.empty else [])
     lines = tables.page_start(directory, f"Backdoor defenses on {dataset}")
     if plugin_notes:
         lines += ["**Plugins from outside the project** (recorded with the cells):", ""]
@@ -57,9 +65,9 @@ def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True
         lines += ["The results store holds no cells for this dataset yet: run `python -m bench run --dataset "
                   f"{dataset}`.", ""]
     else:
-        factor = reduction_factor(data.main, focus)
+        factor = reduction_factor(data.main, focus, name)
         if factor is not None:
-            lines += [f"**{focus_name(focus)}'s ASR reduction vs undefended** ({data.main.label}): {factor.text()}.", ""]
+            lines += [f"**{name}'s ASR reduction vs undefended** ({data.main.label}): {factor.text()}.", ""]
         elif focus not in set(data.cells["defense"]):
             lines += [f"The focus defense `{focus}` has no cells here (`report --focus <defense>` picks another).", ""]
         if len(data.superseded):
@@ -69,9 +77,11 @@ def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True
         if several:
             lines += [f"The store holds {len(data.setups)} setups for {dataset}; they are reported separately, "
                       "the one with most finished cells first.", ""]
+        if reference is not None:
+            lines += published.section(published.Reference.load(reference), data)
         across_setups = across.table(data, focus)  # None unless several setups hold its cells
         if across_setups:
-            lines += [f"## {focus_name(focus)} across setups", "",
+            lines += [f"## {name} across setups", "",
                       f"Every configuration of `{focus}` in every setup, mean ± std over seeds (C-ACC, ASR and the "
                       "selection and detection metrics as in each setup's own tables below).", "", across_setups, ""]
         for number, setup in enumerate(data.setups, start=1):
@@ -160,7 +170,7 @@ def _section(data: ReportData, setup: Setup, figure_dir: Path, prefix: str, pale
     directory = figure_dir.parent
     sub = level + "#"
     notes: list[str] = []
-    lines = [f"{level} Setup", "", tables.setup_table(setup, data.dataset), "",
+    lines = [f"{level} Setup", "", tables.setup_table(setup, data.dataset, data.catalog), "",
              "Reproduce (rebuilt from the store: the options each cell was run with; one command per set of "
              "options the user set):", "", "```bash",
              *tables.reproduce_commands(setup, data.dataset), "```", ""]
@@ -172,18 +182,27 @@ def _section(data: ReportData, setup: Setup, figure_dir: Path, prefix: str, pale
     ranked = ranking.ranking_section(setup)
     if ranked:
         lines += [f"{level} Ranking", ""] + ranked
-    detection = tables.detection_table(setup, focus)
-    if detection:
-        lines += [f"{level} Detection of poisoned training samples", "",
-                  "Defenses that flag training samples, against the true poisoned indices (which they never see).", "",
-                  detection, ""]
-    hits = selection.table(setup)
-    if hits:
-        lines += [f"{level} Did the defense hit the backdoor's units?", "", selection.EXPLANATION, "", hits, ""]
-        lines += _figure_lines(selection.figure(setup, palette, figure_dir / f"{prefix}selection"), directory, sub)
-    scan_lines, scan_notes = _reasr_lines(data, setup, figure_dir, prefix, palette, level)
-    lines += scan_lines
-    notes += scan_notes
+    for metric, info in data.catalog.metrics.items():
+        title, description = info.get("title") or metric, info.get("description", "")
+        if metric in ("accuracy", "features"):  # the results table above; the t-SNE below
+            continue
+        if metric == "detection":
+            detection = tables.detection_table(setup, focus)
+            if detection:
+                lines += [f"{level} {title}", "", description, "", detection, ""]
+        elif metric == "selection":
+            hits = selection.table(setup)
+            if hits:
+                lines += [f"{level} {title}", "", description, "", hits, ""]
+                lines += _figure_lines(selection.figure(setup, palette, figure_dir / f"{prefix}selection"), directory, sub)
+        elif metric == "reasr":
+            scan_lines, scan_notes = _reasr_lines(data, setup, figure_dir, prefix, palette, level)
+            lines += scan_lines
+            notes += scan_notes
+        else:  # a metric without a section of its own (a plugin's): a table of its columns
+            table = tables.metric_table(setup, [data.catalog.columns[c] for c in data.catalog.metric_columns(metric)])
+            if table:
+                lines += [f"{level} {title}", ""] + ([description, ""] if description else []) + [table, ""]
     lines += [f"{level} Cost", "", "Wall seconds on the device above: the attack stage trains the undefended model once "
               "per attack and seed and is shared by every defense; defense columns are the defense alone.", "",
               tables.cost_table(setup), ""]
@@ -191,8 +210,9 @@ def _section(data: ReportData, setup: Setup, figure_dir: Path, prefix: str, pale
     if failures:
         lines += [f"{level} Failed and unfinished cells", "", failures, ""]
     lines += [f"{level} Figures", ""]
-    for metric in (name for name, declared in METRICS.items() if declared.heatmap is not None):
-        lines += _figure_lines(figures.heatmap(setup, metric, figure_dir / f"{prefix}heatmap_{metric}"), directory, sub)
+    for name, column in data.catalog.columns.items():
+        if column.get("heatmap") and setup.cells[name].notna().any():
+            lines += _figure_lines(figures.heatmap(setup, column, figure_dir / f"{prefix}heatmap_{name}"), directory, sub)
     lines += _figure_lines(figures.scatter(setup, palette, figure_dir / f"{prefix}acc_vs_asr"), directory, sub)
     lines += _figure_lines(figures.bars(setup, palette, figure_dir / f"{prefix}bars"), directory, sub)
     curve, curve_notes = figures.curves(setup, palette, data.artifacts_root, figure_dir / f"{prefix}curves")

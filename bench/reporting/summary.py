@@ -2,9 +2,10 @@
 
 Per dataset the main setup (most finished cells) is summarised by each defense's default
 variant: mean ASR over the attacks that have a trigger, mean C-ACC over all attacks, over
-the finished cells of every seed. The focus defense's ASR reduction factor (NONE's by default,
-the paper's headline measure) is mean undefended ASR / mean defended ASR over the same (attack,
-seed) pairs — each cell against the undefended model of its own attack stage.
+the finished cells of every seed. The focus defense's ASR reduction factor (by default that of the
+defense the store's catalog names as the benchmark's focus; NONE's paper's headline measure) is
+mean undefended ASR / mean defended ASR over the same (attack, seed) pairs — each cell against
+the undefended model of its own attack stage.
 """
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.report.collect import REFERENCE, Setup, load
-from bench.report.tables import DASH, HEADER, fmt, markdown_table, page_start
+from bench.reporting.catalog import Catalog
+from bench.reporting.collect import REFERENCE, Setup, load
+from bench.reporting.tables import DASH, HEADER, fmt, markdown_table, page_start
 
-NONE_DEFENSE = "none"
 
-
-def focus_name(defense: str) -> str:
-    return "NONE" if defense == NONE_DEFENSE else defense
+def resolve_focus(catalog: Catalog, focus: str | None) -> str:
+    """The focus defense: the one asked for, else the one the catalog names, else the reference."""
+    return focus or catalog.focus() or REFERENCE
 
 
 @dataclass
@@ -29,8 +30,7 @@ class Factor:
     undefended: float
     defended: float
     pairs: int
-    defense: str = NONE_DEFENSE
-
+    name: str  # the defense's display name
     @property
     def value(self) -> float:
         if self.defended > 0:
@@ -41,11 +41,11 @@ class Factor:
         return "∞" if math.isinf(self.value) else f"{self.value:.2f}×"
 
     def text(self) -> str:
-        return (f"{self.short()} lower ASR (mean undefended {self.undefended:.2f}% → {focus_name(self.defense)} {self.defended:.2f}% "
+        return (f"{self.short()} lower ASR (mean undefended {self.undefended:.2f}% → {self.name} {self.defended:.2f}% "
                 f"over {self.pairs} attack × seed pair{'s' if self.pairs != 1 else ''})")
 
 
-def reduction_factor(setup: Setup | None, defense: str = NONE_DEFENSE) -> Factor | None:
+def reduction_factor(setup: Setup | None, defense: str, name: str | None = None) -> Factor | None:
     if setup is None:
         return None
     frame = setup.cells
@@ -53,16 +53,16 @@ def reduction_factor(setup: Setup | None, defense: str = NONE_DEFENSE) -> Factor
                   & frame["asr"].notna() & frame["undef_asr"].notna()]
     if cells.empty:
         return None
-    return Factor(float(cells["undef_asr"].mean()), float(cells["asr"].mean()), len(cells), defense)
+    return Factor(float(cells["undef_asr"].mean()), float(cells["asr"].mean()), len(cells), name or defense)
 
 
-def pooled_factor(setups: list[Setup], defense: str = NONE_DEFENSE) -> Factor | None:
-    factors = [f for f in (reduction_factor(s, defense) for s in setups) if f is not None]
+def pooled_factor(setups: list[Setup], defense: str, name: str | None = None) -> Factor | None:
+    factors = [f for f in (reduction_factor(s, defense, name) for s in setups) if f is not None]
     if not factors:
         return None
     pairs = sum(f.pairs for f in factors)
     return Factor(sum(f.undefended * f.pairs for f in factors) / pairs, sum(f.defended * f.pairs for f in factors) / pairs,
-                  pairs, defense)
+                  pairs, name or defense)
 
 
 def dataset_summary(setup: Setup, dataset: str) -> pd.DataFrame:
@@ -87,16 +87,19 @@ def _mean(values: pd.Series) -> float:
     return float(values.mean()) if len(values) else math.nan
 
 
-def write_index(store, out_dir: Path, focus: str = NONE_DEFENSE) -> Path:
+def write_index(store, out_dir: Path, focus: str | None = None, reference: Path | None = None) -> Path:
     """``<out_dir>/README.md``: every dataset's report, the cross-dataset summary table and figure,
     and the focus defense's ASR reduction factor per dataset and overall. README.md, so that a
     browsed ``reports/`` (or a study's directory) opens on it; NOTES.md beside it is included, as
     beside a dataset's report."""
-    from bench.report.figures import summary as summary_figure
-    from bench.report.palette import defense_palette
+    from bench.reporting.figures import summary as summary_figure
+    from bench.reporting.palette import defense_palette
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    catalog = Catalog.from_store(store)
+    focus = resolve_focus(catalog, focus)
+    name = catalog.defense_display(focus)
     datasets = store.datasets()
     loaded = {dataset: load(store, dataset) for dataset in datasets}
     lines = page_start(out_dir, "Backdoor defense benchmark — results")
@@ -113,6 +116,16 @@ def write_index(store, out_dir: Path, focus: str = NONE_DEFENSE) -> Path:
         rows.append([dataset, data.main.label + extra,
                      ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "failed", "running", "interrupted") if counts.get(s, 0)), link])
     lines += ["## Reports", "", markdown_table(["dataset", "setup", "cells", "report"], rows, ["l"] * 4), ""]
+    if reference is not None:
+        from bench.reporting.reference import Reference, score_table
+
+        published = Reference.load(reference)
+        for dataset, data in loaded.items():
+            scores = score_table(published, data)
+            if scores:
+                lines += [f"## {dataset}: published outcomes reproduced ({published.name})", "",
+                          f"{published.setting}; the outcome per setup is in [{dataset}/README.md]({dataset}/README.md).",
+                          "", scores, ""]
     table = pd.concat([dataset_summary(data.main, dataset) for dataset, data in loaded.items()], ignore_index=True)
     defenses = [REFERENCE] + sorted(d for d in table["defense"].unique() if d != REFERENCE)
     rows = []
@@ -132,22 +145,20 @@ def write_index(store, out_dir: Path, focus: str = NONE_DEFENSE) -> Path:
               markdown_table(["defense", *datasets, "mean over datasets"], rows), ""]
     rows = []
     for dataset, data in loaded.items():
-        factor = reduction_factor(data.main, focus)
+        factor = reduction_factor(data.main, focus, name)
         rows.append([dataset, fmt(factor.undefended) if factor else DASH, fmt(factor.defended) if factor else DASH,
                      factor.short() if factor else DASH, str(factor.pairs) if factor else "0"])
-    overall = pooled_factor([data.main for data in loaded.values()], focus)
+    overall = pooled_factor([data.main for data in loaded.values()], focus, name)
     if len(datasets) > 1:
         rows.append(["**all datasets**", fmt(overall.undefended) if overall else DASH,
                      fmt(overall.defended) if overall else DASH, overall.short() if overall else DASH,
                      str(overall.pairs) if overall else "0"])
-    name = focus_name(focus)
+    headline = catalog.headline(focus)
     lines += [f"## {name}'s ASR reduction factor", "",
               f"Mean ASR of the undefended models / mean ASR of {name} over the same attack × seed pairs (each {name} "
-              "cell against its own attack stage)."
-              + (" The NONE paper reports 54.83× on average over five datasets and five attacks." if focus == NONE_DEFENSE
-                 else ""), "",
+              "cell against its own attack stage)." + (f" {headline}" if headline else ""), "",
               markdown_table(["dataset", "undefended ASR %", f"{name} ASR %", "reduction", "pairs"], rows), ""]
-    palette = defense_palette(list(table["defense"].unique()))
+    palette = defense_palette(catalog, list(table["defense"].unique()))
     figure = summary_figure(table, palette, out_dir / "summary")
     if figure is not None:
         lines += [f"![{figure.title}](summary.png)", "", f"{figure.caption[0].upper() + figure.caption[1:]}. "

@@ -23,8 +23,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from bench.metrics import METRICS
-from bench.report.collect import (
+from bench.reporting.collect import (
     REFERENCE,
     Setup,
     aggregate,
@@ -34,7 +33,7 @@ from bench.report.collect import (
     status_of,
     swept_fields,
 )
-from bench.report.palette import FAILED_EDGE, FAILED_HATCH, defense_markers
+from bench.reporting.palette import FAILED_EDGE, FAILED_HATCH, defense_markers
 
 STATE_TEXT = {"failed": "failed", "missing": "—", "running": "running"}
 
@@ -70,12 +69,14 @@ def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
 
 # --- heatmaps --------------------------------------------------------------------------
 
-def heatmap(setup: Setup, metric: str, stem: Path) -> FigureFile | None:
-    declared = METRICS[metric]
-    style_of = declared.heatmap
-    label, cmap, vmin, vmax, center, digits = (declared.axis_label, style_of.colormap, style_of.vmin, style_of.vmax,
-                                               style_of.center, style_of.digits)
-    attacks = [a for a in setup.attacks if not style_of.needs_trigger or has_trigger(setup.cells, a)]
+def heatmap(setup: Setup, column: dict, stem: Path) -> FigureFile | None:
+    """A defense x attack heatmap of one column, as its metric declared it (bench/metric.py:
+    ``Column`` and ``Heatmap``, recorded in the store's catalog)."""
+    metric, style_of = column["name"], column["heatmap"]
+    label = f"{column['display']} ({column['unit']})" if column.get("unit") else column["display"]
+    cmap, vmin, vmax, center, digits = (style_of["colormap"], style_of["vmin"], style_of["vmax"], style_of.get("center"),
+                                        style_of.get("digits", 2))
+    attacks = [a for a in setup.attacks if not style_of.get("needs_trigger", True) or has_trigger(setup.cells, a)]
     defenses = setup.defenses
     if not attacks or not defenses:
         return None
@@ -112,7 +113,7 @@ def heatmap(setup: Setup, metric: str, stem: Path) -> FigureFile | None:
         for (i, j), state in states.items():
             ax.add_patch(Rectangle((j, i), 1, 1, fill=False, hatch=FAILED_HATCH, edgecolor=FAILED_EDGE, linewidth=0))
             ax.text(j + 0.5, i + 0.5, state, ha="center", va="center", fontsize=8, color="#333333",
-                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.0})
+                    bbox={"facecolor": "white", "linewidth": 0, "pad": 1.0})
         ax.set_xlabel("attack")
         ax.set_ylabel("defense")
         ax.set_title(f"{label} per defense and attack")
@@ -145,7 +146,7 @@ def scatter(setup: Setup, palette: dict[str, str], stem: Path) -> FigureFile | N
     primary = setup.primary()
     table = aggregate(primary, ["defense", "attack_label"], ("c_acc", "asr"))
     defenses = [d for d in _defense_names(primary) if d != REFERENCE]
-    markers = defense_markers(list(palette))
+    markers = defense_markers(palette)
     rows, cols = _grid(len(attacks))
     with style():
         fig = Figure(figsize=(3.6 * cols + 1.8, 3.4 * rows))
@@ -236,7 +237,7 @@ def bars(setup: Setup, palette: dict[str, str], stem: Path) -> FigureFile | None
                                linewidth=0)
                         ax.text(x, 52, STATE_TEXT.get(status, "n/a"), rotation=90, ha="center", va="center",
                                 fontsize=8, fontweight="bold", color=colour,
-                                bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.0})
+                                bbox={"facecolor": "white", "linewidth": 0, "pad": 1.0})
             ax.set_ylim(0, 105)
             ax.set_ylabel(label)
             ax.grid(axis="x", visible=False)

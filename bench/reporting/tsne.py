@@ -1,8 +1,8 @@
 """t-SNE of penultimate-layer features of clean vs triggered test samples, per attack: the
-undefended model beside the focus defense's (NONE by default, ``report --focus``).
+undefended model beside the focus defense's (``report --focus``; by default the store's).
 
-The features are computed by the cells themselves (``features.safetensors``, written by
-bench/cell.py when the profile's ``eval.feature_samples`` is above 0): the report only embeds
+The features are computed by the cells themselves (``features.safetensors``, written by the
+``features`` metric, bench/metrics/features.py, when its ``samples`` is above 0): the report only embeds
 and draws them, and never rebuilds a model. It stays cheap because it runs after every
 ``make bench``: PCA to 50 dimensions first, a short optimisation, one thread.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.report.collect import REFERENCE, ReportData, Setup, has_trigger
-from bench.report.figures import FigureFile, save, style
+from bench.reporting.collect import REFERENCE, ReportData, Setup, has_trigger
+from bench.reporting.figures import FigureFile, save, style
 
 FEATURES_FILE = "features.safetensors"
 
@@ -49,7 +49,7 @@ def _pick(cells, defense: str):
     return chosen.iloc[0] if len(chosen) else None
 
 
-def render(data: ReportData, setup: Setup, stem: Path, focus: str = "none") -> tuple[FigureFile | None, list[str]]:
+def render(data: ReportData, setup: Setup, stem: Path, focus: str) -> tuple[FigureFile | None, list[str]]:
     """One row per attack with a trigger, first seed: [undefended, focus defense], from the features
     the cells stored. Returns the figure and notes on anything not shown, and why."""
     notes: list[str] = []
@@ -70,7 +70,7 @@ def render(data: ReportData, setup: Setup, stem: Path, focus: str = "none") -> t
             path = data.artifacts_root / cell["id"] / FEATURES_FILE
             if not path.is_file():
                 notes.append(f"{attack}: the {defense} cell {cell['id']} stored no features (it ran before cells stored "
-                             "them, or with eval.feature_samples=0)")
+                             "them, or with metric.features.samples=0)")
                 continue
             try:
                 stored = _stored_features(path)
@@ -85,7 +85,8 @@ def render(data: ReportData, setup: Setup, stem: Path, focus: str = "none") -> t
             targets = stored["targets"][is_triggered]
             target = int(targets[0]) if len(targets) and (targets == targets[0]).all() else None
             asr = float((stored["predicted"][is_triggered] == targets).mean() * 100) if len(targets) else None
-            label = "NONE" if cell["defense_label"] == "none" else cell["defense_label"]
+            display = data.catalog.defense_display(cell["defense"])
+            label = display + cell["defense_label"][len(cell["defense"]):]  # a variant keeps its fields
             panels.append((label, embed(stored["features"].astype(np.float32), seed), asr))
         if panels:
             num_classes = int(labels.max()) + 1

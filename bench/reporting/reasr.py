@@ -1,7 +1,7 @@
 """REASR (trigger inversion, bench/metrics/reasr.py) in the report: per attack, a table of REASR per
 size bound, REASR against the bound, and the reversed triggers.
 
-Numbers come from the store (``metrics["reasr"]``, ``details["scan"]``); only the trigger
+Numbers come from the store (``metrics["reasr"]`` and the details the ``reasr`` metric stored); only the trigger
 images come from the cells' artifact directories (``scan.safetensors``), so a cell whose
 artifacts are gone loses its row of the trigger grid, never its numbers.
 """
@@ -13,9 +13,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.report.collect import ReportData, Setup, aggregate, lookup, status_of
-from bench.report.figures import FigureFile, _slug, save, style
-from bench.report.tables import DASH, entry_text, fmt_stat, markdown_table, partial_note
+from bench.reporting.collect import ReportData, Setup, aggregate, lookup, status_of
+from bench.reporting.figures import FigureFile, _slug, save, style
+from bench.reporting.tables import (
+    DASH,
+    entry_text,
+    fmt_stat,
+    markdown_table,
+    partial_note,
+)
 
 SCAN_FILE = "scan.safetensors"
 MAX, MEAN = "reasr_max", "reasr_mean"
@@ -34,15 +40,15 @@ class Block:
     figures: list[FigureFile] = field(default_factory=list)
 
 
-def scan_of(details) -> dict | None:
-    """A cell's stored scan summary, or None when it did not scan."""
-    scan = details.get("scan") if isinstance(details, dict) else None
+def scan_of(measured) -> dict | None:
+    """A cell's stored scan summary (its ``measured`` details), or None when it did not scan."""
+    scan = measured.get("reasr") if isinstance(measured, dict) else None
     return scan if isinstance(scan, dict) and isinstance(scan.get("reasr"), dict) and scan["reasr"] else None
 
 
-def per_bound(details) -> dict[float, float]:
+def per_bound(measured) -> dict[float, float]:
     """bound (fraction of the area) -> REASR %; JSON keys are bound strings."""
-    scan = scan_of(details)
+    scan = scan_of(measured)
     return {} if scan is None else {float(b): float(v) for b, v in scan["reasr"].items() if v is not None}
 
 
@@ -53,18 +59,18 @@ def bound_column(bound: float) -> str:
 def with_scan_columns(cells: pd.DataFrame) -> tuple[pd.DataFrame, list[float]]:
     """The cells with a REASR column per bound plus max and mean over bounds (NaN where a cell
     did not scan), and the bounds found, so that ``aggregate`` gives mean ± std over seeds."""
-    values = [per_bound(d) for d in cells["details"]]
+    values = [per_bound(d) for d in cells["measured"]]
     bounds = sorted({b for v in values for b in v})
     columns = {bound_column(b): [v.get(b, math.nan) for v in values] for b in bounds}
     columns[MAX] = list(cells["reasr"])  # as the exports hold it
-    columns[MEAN] = [float((scan_of(d) or {}).get("mean_reasr", math.nan)) for d in cells["details"]]
+    columns[MEAN] = [float((scan_of(d) or {}).get("mean_reasr", math.nan)) for d in cells["measured"]]
     return cells.assign(**columns), bounds
 
 
 def scanned_attacks(setup: Setup) -> list[str]:
     """Attack rows (display order) with at least one cell that ran the scan."""
     frame = setup.cells
-    return [a for a in setup.attacks if any(scan_of(d) for d in frame.loc[frame["attack_label"] == a, "details"])]
+    return [a for a in setup.attacks if any(scan_of(d) for d in frame.loc[frame["attack_label"] == a, "measured"])]
 
 
 def reasr_table(cells: pd.DataFrame, bounds: list[float], defenses: list[str]) -> str:
@@ -88,7 +94,7 @@ def reasr_table(cells: pd.DataFrame, bounds: list[float], defenses: list[str]) -
 def curve_figure(cells: pd.DataFrame, bounds: list[float], palette: dict[str, str], attack: str,
                  stem: Path) -> FigureFile | None:
     """REASR against the bound, one line per defense (its primary variant), mean ± std over seeds."""
-    from bench.report.reasr_figures import plot_reasr
+    from bench.reporting.reasr_figures import plot_reasr
 
     names = tuple(bound_column(b) for b in bounds)
     table = aggregate(cells[cells["primary"]], ["defense"], names)
@@ -110,7 +116,7 @@ def load_triggers(directory: Path, scan: dict):
     """The cell's stored triggers, or (None, why) when its artifacts are missing or unreadable."""
     from safetensors.torch import load_file
 
-    from bench.report.reasr_figures import StoredTriggers
+    from bench.reporting.reasr_figures import StoredTriggers
 
     path = directory / SCAN_FILE
     if not path.is_file():
@@ -125,7 +131,7 @@ def _first_triggers(cells: pd.DataFrame, root: Path):
     """(row label, triggers, []) of the first seed whose triggers load, else (None, None, why not)."""
     reasons = []
     for _, cell in cells.sort_values("seed").iterrows():
-        scan = scan_of(cell["details"])
+        scan = scan_of(cell["measured"])
         if scan is None:
             continue
         triggers, why = load_triggers(root / cell["id"], scan)
@@ -137,7 +143,7 @@ def _first_triggers(cells: pd.DataFrame, root: Path):
 
 def trigger_figure(cells: pd.DataFrame, root: Path, attack: str, stem: Path) -> tuple[FigureFile | None, list[str]]:
     """Rows: defenses (primary variants, first seed whose triggers load); columns: bounds."""
-    from bench.report.reasr_figures import trigger_grid
+    from bench.reporting.reasr_figures import trigger_grid
 
     done = cells[cells["primary"] & (cells["status"] == "done")]
     rows, notes = {}, []

@@ -18,18 +18,12 @@ from typing import Any
 
 import pandas as pd
 
-from bench.metrics import METRICS
-from bench.metrics import names as metric_names
+from bench.reporting.catalog import REFERENCE, Catalog
 from bench.store import ResultStore
 
-# Every metric a cell may store, from the one table that declares them (bench/metrics/__init__.py).
-MAIN_METRICS = metric_names("main")
-DETECTION_METRICS = metric_names("detection")
-SCAN_METRICS = metric_names("scan")
-SELECTION_METRICS = metric_names("selection")
-ALL_METRICS = tuple(METRICS)
-TIMING_KEYS = ("attack_s", "defense_s", "eval_s")
-REFERENCE = "undefended"
+# The protocol's metrics (bench/metrics/accuracy.py): every report's main table.
+MAIN_METRICS = ("c_acc", "asr", "ra", "der")
+TIMING_KEYS = ("attack_s", "defense_s", "metrics_s")
 
 
 def _number(value: Any) -> float:
@@ -99,7 +93,15 @@ class ReportData:
     stages: dict[str, dict]
     setups: list[Setup]
     artifacts_root: Path
+    catalog: Catalog = field(default_factory=Catalog)
     superseded: pd.DataFrame = field(default_factory=pd.DataFrame)  # older runs of the same settings
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """Every column the cells hold: the catalog's, in its order, then any other a cell stored."""
+        declared = tuple(self.catalog.columns)
+        found = sorted({name for metrics in self.cells.get("metrics", []) for name in (metrics or {})} - set(declared))
+        return declared + tuple(found)
 
     @property
     def main(self) -> Setup | None:
@@ -138,11 +140,14 @@ def _recipe(stored: dict | None) -> dict | None:
 
 def _setup_fields(config: dict) -> dict:
     return {"model": config.get("model"), "profile": config.get("profile"), "train": _recipe(config.get("train")),
-            "finetune": _recipe(config.get("finetune"))}
+            "finetune": _recipe(config.get("finetune")), "data_variant": config.get("data_variant") or ""}
 
 
 def load(store: ResultStore, dataset: str) -> ReportData:
+    catalog = Catalog.from_store(store)
     cells = store.cells(dataset=dataset)
+    names = list(catalog.columns)
+    names += sorted({name for cell in cells for name in (cell.get("metrics") or {})} - set(names))
     stages = {stage["id"]: stage for stage in store.stages(dataset=dataset)}
     rows = []
     for cell in cells:
@@ -161,13 +166,15 @@ def load(store: ResultStore, dataset: str) -> ReportData:
             # as stored (None for a failed cell), so the JSON export is the store's own record
             "metrics": cell.get("metrics"), "timings": cell.get("timings"), "environment": cell.get("environment"),
             "details": cell.get("details"), "plugins": cell.get("plugins") or [],
+            # metric name -> the details it stored (bench/metric.py, ``Measurement.details``)
+            "measured": {name: entry.get("details") for name, entry in (cell.get("measurements") or {}).items()},
             "user_set": config.get("user_set"),  # None in stores written before it was recorded
             "stage_status": stage.get("status"), "stage_s": _number((stage.get("timings") or {}).get("total_s")),
             "undef_c_acc": _number(stage_metrics.get("c_acc")), "undef_asr": _number(stage_metrics.get("asr")),
             "undef_ra": _number(stage_metrics.get("ra")), "poison_rate": _number(stage_metrics.get("poison_rate")),
             "poisoned": _number(stage_metrics.get("poisoned")),
         }
-        for name in ALL_METRICS:
+        for name in names:
             row[name] = _number(metrics.get(name))
         for name in TIMING_KEYS:
             row[name] = _number(timings.get(name))
@@ -185,7 +192,7 @@ def load(store: ResultStore, dataset: str) -> ReportData:
         _name_setups(setups)
         frame = pd.concat([s.cells for s in setups])
     return ReportData(dataset=dataset, cells=frame, stages=stages, setups=setups, artifacts_root=store.artifacts_root,
-                      superseded=superseded)
+                      catalog=catalog, superseded=superseded)
 
 
 def _latest(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -253,7 +260,7 @@ def swept_fields(frame: pd.DataFrame, defense: str) -> list[str]:
 def _name_setups(setups: list[Setup]) -> None:
     for setup in setups:
         d = setup.description
-        setup.label = f"{d['model']}, {d['profile']} profile"
+        setup.label = f"{d['model']}, {d['profile']} profile" + (f", {d['data_variant']} data" if d.get("data_variant") else "")
     by_label: dict[str, list[Setup]] = {}
     for setup in setups:
         by_label.setdefault(setup.label, []).append(setup)
@@ -311,14 +318,7 @@ def lookup(table: pd.DataFrame, **keys) -> pd.Series | None:
 
 
 def has_trigger(frame: pd.DataFrame, attack_label: str) -> bool:
-    """Whether ASR is defined for the attack (``benign`` has no trigger): the plugin says so when
-    it is loaded, otherwise whether any of its cells or stages measured an ASR."""
-    from bench.registry import ATTACKS
-
+    """Whether ASR is defined for the attack (``benign`` has no trigger): whether any of its cells
+    or stages measured an ASR (an attack with a trigger always has one)."""
     sub = frame[frame["attack_label"] == attack_label]
-    if sub.empty:
-        return False
-    name = sub.iloc[0]["attack"]
-    if name in ATTACKS:
-        return bool(getattr(ATTACKS.get(name), "has_trigger", True))
     return bool(sub["asr"].notna().any() or sub["undef_asr"].notna().any())

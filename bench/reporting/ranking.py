@@ -15,8 +15,8 @@ import math
 
 import pandas as pd
 
-from bench.report.collect import REFERENCE, Setup, has_trigger
-from bench.report.tables import fmt, markdown_table
+from bench.reporting.collect import REFERENCE, Setup, has_trigger
+from bench.reporting.tables import fmt, markdown_table
 
 CONFIDENCE = 0.95
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.report.collect import ALL_METRICS, MAIN_METRICS, ReportData, aggregate
+from bench.reporting.collect import MAIN_METRICS, ReportData, aggregate
 
 CSV_COLUMNS = ("dataset", "setup", "model", "profile", "attack", "attack_label", "defense", "defense_label", "seed",
                "status", "cell_id", "stage_id", "metric", "value", "error")
@@ -63,7 +63,7 @@ def _clean(value):
 
 CELL_FIELDS = ("id", "stage_id", "dataset", "model", "profile", "attack", "attack_label", "attack_config", "defense",
                "defense_label", "defense_config", "primary", "seed", "status", "error", "metrics", "timings",
-               "environment", "details", "finished")
+               "environment", "details", "measured", "finished")
 
 
 def write_json(data: ReportData, path: Path) -> Path:
@@ -75,7 +75,7 @@ def write_json(data: ReportData, path: Path) -> Path:
         cells.append(_clean(record))
     summary = []
     for setup in data.setups:
-        table = aggregate(setup.cells, ["defense_label", "attack_label"], ALL_METRICS)
+        table = aggregate(setup.cells, ["defense_label", "attack_label"], data.metric_names)
         for record in table.to_dict("records"):
             summary.append(_clean({"setup": setup.label, **record}))
     payload = {

@@ -2,7 +2,7 @@
 
 Both return a ``matplotlib.figure.Figure`` (no pyplot), so drawing neither needs nor changes
 the caller's backend; the report draws them inside its own style and saves them with
-``bench.report.figures.save`` like every other figure.
+``bench.reporting.figures.save`` like every other figure.
 """
 from __future__ import annotations
 
