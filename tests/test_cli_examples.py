@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -46,8 +47,10 @@ def test_run_examples_expand_as_printed(args, capsys, monkeypatch, registries):
 
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory, smoke_cell, workspace):
-    """A scratch directory with runs/bench.sqlite holding one real badnets x undefended smoke cell."""
+    """A scratch directory laid out as the repository (runs/bench.sqlite holding one real badnets x
+    undefended smoke cell, and the published-outcome reference the examples name)."""
     root = tmp_path_factory.mktemp("examples")
+    shutil.copytree(ROOT / "docs" / "reference", root / "docs" / "reference")
     result = smoke_cell("badnets", "undefended")
     spec = CellSpec.from_json(result["spec"])
     store = ResultStore(root / "runs" / "bench.sqlite", workspace.root)

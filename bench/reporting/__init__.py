@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import sys
 from pathlib import Path
 
 from bench.reporting import (
@@ -45,7 +44,7 @@ def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True
     """Write ``<out_dir>/<dataset>/`` (README.md, results.csv, results.json, figures/) and return
     that directory. ``tsne_figure=False`` skips the t-SNE embedding (the slowest part);
     ``reference``: a file of published outcomes to score every setup against (reference.py)."""
-    plugin_notes = load_recorded_plugins(store.cells(dataset=dataset))
+    plugin_notes = recorded_plugins(store.cells(dataset=dataset))
     data = load(store, dataset)
     directory = Path(out_dir) / dataset
     directory.mkdir(parents=True, exist_ok=True)
@@ -97,12 +96,11 @@ def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True
     return directory
 
 
-def load_recorded_plugins(cells: list[dict]) -> list[str]:
-    """Load the ``--plugin`` files the store's cells used, when they are still where they were, and
-    say for each what it is and what its absence (or a change since the run) means for the report."""
+def recorded_plugins(cells: list[dict]) -> list[str]:
+    """A note per plugin from outside the project that the store's cells used: what it is, and
+    whether its file is still where it was and unchanged, which Reproduce needs. Nothing of it is
+    imported: the report needs no plugin's code (the store's catalog has what it shows)."""
     from bench import progress
-    from bench.errors import BenchError
-    from bench.registry import load_plugin_file, plugin_module_name
 
     seen: dict[str, dict] = {}
     for cell in cells:
@@ -117,21 +115,13 @@ def load_recorded_plugins(cells: list[dict]) -> list[str]:
             continue
         path = Path(key)
         if not path.is_file():
-            note = (f"{label}: `{path}` is missing here, so anything that needs its code (a defense's own report "
-                    "figures) is left out, and Reproduce needs the file back")
+            notes.append(f"{label}: `{path}` is missing here, so Reproduce needs the file back")
             progress.log(f"[yellow]report: plugin file {path} is missing[/yellow]")
-        else:
-            current = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-            try:
-                if plugin_module_name(path) not in sys.modules:
-                    load_plugin_file(path)
-            except BenchError as exc:
-                notes.append(f"{label}: `{path}` did not load ({exc})")
-                continue
-            note = f"{label}: `{path}` (sha256 {plugin['sha256']})"
-            if current != plugin["sha256"]:
-                note += ("; the file has changed since these cells ran (now "
-                         f"{current}): running it again gives new cell ids")
+            continue
+        note = f"{label}: `{path}` (sha256 {plugin['sha256']})"
+        current = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        if current != plugin["sha256"]:
+            note += f"; the file has changed since these cells ran (now {current}): running it again gives new results"
         notes.append(note)
     return notes
 

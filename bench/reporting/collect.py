@@ -126,21 +126,9 @@ def _sort_key(name: str, config: dict, varying: list[str], reference: bool) -> s
     return "\x00".join(parts)
 
 
-def _recipe(stored: dict | None) -> dict | None:
-    """A stored training recipe completed with today's defaults for fields added since it was
-    stored (new fields default to the old behaviour), so that it still matches the same setup."""
-    import dataclasses
-
-    from bench.engine import TrainConfig
-
-    if stored is None:
-        return None
-    return {**dataclasses.asdict(TrainConfig()), **stored}
-
-
 def _setup_fields(config: dict) -> dict:
-    return {"model": config.get("model"), "profile": config.get("profile"), "train": _recipe(config.get("train")),
-            "finetune": _recipe(config.get("finetune")), "data_variant": config.get("data_variant") or ""}
+    return {"model": config.get("model"), "profile": config.get("profile"), "train": config.get("train"),
+            "finetune": config.get("finetune"), "data_variant": config.get("data_variant") or ""}
 
 
 def load(store: ResultStore, dataset: str) -> ReportData:

@@ -116,6 +116,7 @@ def write_index(store, out_dir: Path, focus: str | None = None, reference: Path 
         rows.append([dataset, data.main.label + extra,
                      ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "failed", "running", "interrupted") if counts.get(s, 0)), link])
     lines += ["## Reports", "", markdown_table(["dataset", "setup", "cells", "report"], rows, ["l"] * 4), ""]
+    lines += _other_reports(out_dir, datasets)
     if reference is not None:
         from bench.reporting.reference import Reference, score_table
 
@@ -164,6 +165,17 @@ def write_index(store, out_dir: Path, focus: str | None = None, reference: Path 
         lines += [f"![{figure.title}](summary.png)", "", f"{figure.caption[0].upper() + figure.caption[1:]}. "
                   "[SVG](summary.svg)", ""]
     return _write_index_page(out_dir, lines)
+
+
+def _other_reports(out_dir: Path, datasets: list[str]) -> list[str]:
+    """Generated reports beside this one that come from other stores (a study's directory, a dataset
+    run into another store): linked, never rewritten."""
+    others = sorted(path.parent.name for path in out_dir.glob("*/README.md")
+                    if path.parent.name not in datasets and path.read_text().startswith(HEADER[:60]))
+    if not others:
+        return []
+    return ["Other reports in this directory, from other stores (each has its own Reproduce commands): "
+            + ", ".join(f"[{name}]({name}/README.md)" for name in others) + ".", ""]
 
 
 def _write_index_page(out_dir: Path, lines: list[str]) -> Path:
