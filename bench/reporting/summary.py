@@ -17,7 +17,7 @@ import pandas as pd
 
 from bench.reporting.catalog import Catalog
 from bench.reporting.collect import REFERENCE, Setup, load
-from bench.reporting.tables import DASH, HEADER, fmt, markdown_table, page_start
+from bench.reporting.tables import DASH, GENERATED, fmt, markdown_table, page_start
 
 
 def resolve_focus(catalog: Catalog, focus: str | None) -> str:
@@ -171,7 +171,7 @@ def _other_reports(out_dir: Path, datasets: list[str]) -> list[str]:
     """Generated reports beside this one that come from other stores (a study's directory, a dataset
     run into another store): linked, never rewritten."""
     others = sorted(path.parent.name for path in out_dir.glob("*/README.md")
-                    if path.parent.name not in datasets and path.read_text().startswith(HEADER[:60]))
+                    if path.parent.name not in datasets and path.read_text().startswith(GENERATED))
     if not others:
         return []
     return ["Other reports in this directory, from other stores (each has its own Reproduce commands): "
@@ -182,7 +182,7 @@ def _write_index_page(out_dir: Path, lines: list[str]) -> Path:
     path = out_dir / "README.md"
     path.write_text("\n".join(lines))
     legacy = out_dir / "index.md"  # this page's name before 2026-12-03: a generated one would go stale beside it
-    if legacy.is_file() and legacy.read_text().startswith(HEADER[:60]):
+    if legacy.is_file() and legacy.read_text().startswith(GENERATED):
         legacy.unlink()
     return path
 

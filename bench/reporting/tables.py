@@ -25,6 +25,9 @@ from bench.reporting.collect import (
 )
 
 # First line of every generated page: what made it, and where hand-written notes go instead.
+# GENERATED is its start in every version of it: how a generated page (this code's or an older
+# one's) is told from a hand-written one.
+GENERATED = "<!-- Generated from the results store by bench"
 HEADER = ("<!-- Generated from the results store by bench.reporting (`python -m bench report`); edits are overwritten. "
           "Put hand-written notes in NOTES.md beside this file: they are included below. -->")
 
