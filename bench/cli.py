@@ -373,7 +373,7 @@ def command_report(args) -> None:
     if args.focus is not None and args.focus not in known:
         raise BenchError(f"unknown focus defense {args.focus!r}; valid: {', '.join(sorted(known))}")
     if args.reference is not None:
-        from bench.reporting.reference import Reference
+        from bench.reporting.published import Reference
 
         Reference.load(args.reference)  # a bad file fails now, in one line, not mid-report
     for dataset in datasets:

@@ -229,11 +229,6 @@ class ResultStore:
         self._write("UPDATE stages SET status='failed', error=?, finished=? WHERE id=?", (error, time.time(), stage_id))
 
     # --- cells -----------------------------------------------------------------------
-    def cell_status(self, cell_id: str) -> str | None:
-        with closing(self._connect()) as conn:
-            row = conn.execute("SELECT status FROM cells WHERE id=?", (cell_id,)).fetchone()
-        return row["status"] if row else None
-
     def cell_measured(self, cell_id: str) -> tuple[str | None, dict[str, str]]:
         """(status, metric name -> the key it was measured under) of a cell."""
         with closing(self._connect()) as conn:

@@ -559,3 +559,65 @@ def test_focus_defense_across_setups_puts_every_configuration_in_one_table(tmp_p
     readme = (write_report(store, "synthetic", tmp_path / "reports", tsne_figure=False) / "README.md").read_text()
     assert readme.index("## NONE across setups") < readme.index("## Setup 1")
     assert across.table(load(ResultStore(tmp_path / "empty.sqlite"), "synthetic"), "none") is None
+
+
+def test_published_outcomes_are_scored_per_setup_by_the_class_of_their_mean_asr(tmp_path):
+    """Two models on one dataset against a reference of four outcomes. small-cnn: undefended 99/98
+    (kept, as published 95.03), ft 2/10 (mean 6: removed, as 1.48), clp 90/95 (kept, as 77.56):
+    3 of 3, nad's Blend outcome not run. resnet8-w16: undefended kept, ft 60/70 (partial, against
+    removed): 1 of 2. Costs: 100 s against 250 s of stage and cells per attack stage, 2.50x."""
+    from bench.reporting.collect import load
+    from bench.reporting.published import Reference, outcome_table, score_table
+
+    reference = tmp_path / "reference.json"
+    reference.write_text(json.dumps({"name": "Leaderboard", "setting": "CIFAR-10", "outcomes": [
+        {"attack": "badnets", "defense": "undefended", "asr": 95.03}, {"attack": "badnets", "defense": "ft", "asr": 1.48},
+        {"attack": "badnets", "defense": "clp", "asr": 77.56}, {"attack": "blend", "defense": "nad", "asr": 97.69}]}))
+    store = ResultStore(tmp_path / "bench.sqlite")
+    store.record_catalog(catalog_entries())  # what a run records
+    runs = {"small-cnn": {"undefended": (99.0, 98.0), "ft": (2.0, 10.0), "clp": (90.0, 95.0)},
+            "resnet8-w16": {"undefended": (97.0, 99.0), "ft": (60.0, 70.0)}}
+    seconds = {"small-cnn": 100.0, "resnet8-w16": 250.0}
+    for model, defenses in runs.items():
+        for seed in (0, 1):
+            stage = expand(GridRequest("synthetic", "smoke", model=model, attacks=["badnets"], defenses=["undefended"],
+                                       seeds=[seed]))[0].stage
+            store.stage_running(stage)
+            store.stage_done(stage.id, {"metrics": {"c_acc": 90.0, "asr": defenses["undefended"][seed], "ra": 1.0},
+                                        "timings": {"total_s": seconds[model] / 2}, "environment": ENV})
+            for defense, asrs in defenses.items():
+                cell = FixedCell(stage, defense, {}, user_set={}, fixed_id=f"c-{model}-{defense}-{seed}")
+                store.cell_running(cell)
+                store.cell_done(cell.id, {"metrics": {"c_acc": 85.0, "asr": asrs[seed], "ra": 1.0, "der": 0.5},
+                                          "timings": {"defense_s": seconds[model] / 2 / len(defenses), "metrics_s": 0.0},
+                                          "environment": ENV})
+    data = load(store, "synthetic")
+    published = Reference.load(reference)
+    rows = {row[0]: row for row in ([c.strip() for c in line.strip("|").split("|")]
+                                    for line in score_table(published, data).splitlines()[2:])}
+    small, residual = rows["small-cnn, smoke profile"], rows["resnet8-w16, smoke profile"]
+    assert (small[1], small[2], small[3]) == ("**3** / 3", "1", "0, 1")
+    assert (residual[1], residual[2]) == ("**1** / 2", "2")
+    assert small[-1] == "1.00×" and residual[-1] == "2.50×"
+    assert small[4] == f"{statistics.mean([statistics.stdev([99.0, 98.0]), statistics.stdev([2.0, 10.0]), statistics.stdev([90.0, 95.0])]):.1f}"
+    outcomes = outcome_table(published, data)
+    assert f"| badnets | ft | 1.48 (removed) | 6.00 ± {statistics.stdev([2.0, 10.0]):.2f} (removed) ✓, C-ACC -5.0 |" in outcomes
+    assert "65.00 ± 7.07 (partial) ✗" in outcomes and "| blend | nad | 97.69 (kept) | — | — |" in outcomes
+    readme = (write_report(store, "synthetic", tmp_path / "reports", tsne_figure=False, reference=reference)
+              / "README.md").read_text()
+    assert "## Against published results: Leaderboard" in readme
+    index = write_index(store, tmp_path / "reports", reference=reference).read_text()
+    assert "## synthetic: published outcomes reproduced (Leaderboard)" in index and "**3** / 3" in index
+
+
+def test_a_bad_reference_file_is_one_line(tmp_path, capsys):
+    from bench import cli
+
+    store = ResultStore(tmp_path / "bench.sqlite")
+    stage = stage_of("synthetic", "badnets", 0)
+    store.cell_running(FixedCell(stage, "undefended", {}, fixed_id="c-one"))
+    (tmp_path / "bad.json").write_text('{"name": "x", "outcomes": [{"attack": "badnets"}]}')
+    for path, message in ((tmp_path / "bad.json", "is not a reference of published outcomes (KeyError: 'asr')"),
+                          (tmp_path / "none.json", "no reference file at")):
+        assert cli.main(["report", "--store", str(tmp_path / "bench.sqlite"), "--reference", str(path)]) == 2
+        assert message in capsys.readouterr().err

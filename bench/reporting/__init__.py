@@ -4,7 +4,7 @@ results.json, figures/) and ``reports/README.md`` across datasets.
 
 Modules: ``catalog`` (what the runs recorded of the plugins: display names, metric columns,
 focus), ``collect`` (store -> tidy frame), ``tables`` (markdown), ``figures`` (seaborn),
-``tsne`` (the features cells stored), ``diagnostics`` (figures defenses drew for their own
+``tsne`` (the features cells stored), ``published`` (published outcomes reproduced?), ``diagnostics`` (figures defenses drew for their own
 cells), ``reasr`` (the trigger-inversion scan: table and figures), ``selection`` (did a defense
 hit the backdoor's units), ``exports`` (CSV/JSON), ``summary`` (cross-dataset measures).
 Every metric the catalog records gets a section: its own module's where it has one, else a
@@ -22,14 +22,12 @@ from bench.reporting import (
     diagnostics,
     exports,
     figures,
+    published,
     ranking,
     reasr,
     selection,
     tables,
     tsne,
-)
-from bench.reporting import (
-    reference as published,
 )
 from bench.reporting.collect import ReportData, Setup, load
 from bench.reporting.figures import FigureFile
@@ -43,7 +41,7 @@ def write_report(store, dataset: str, out_dir: Path, *, tsne_figure: bool = True
                  reference: Path | None = None) -> Path:
     """Write ``<out_dir>/<dataset>/`` (README.md, results.csv, results.json, figures/) and return
     that directory. ``tsne_figure=False`` skips the t-SNE embedding (the slowest part);
-    ``reference``: a file of published outcomes to score every setup against (reference.py)."""
+    ``reference``: a file of published outcomes to score every setup against (published.py)."""
     plugin_notes = recorded_plugins(store.cells(dataset=dataset))
     data = load(store, dataset)
     directory = Path(out_dir) / dataset

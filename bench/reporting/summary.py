@@ -118,7 +118,7 @@ def write_index(store, out_dir: Path, focus: str | None = None, reference: Path 
     lines += ["## Reports", "", markdown_table(["dataset", "setup", "cells", "report"], rows, ["l"] * 4), ""]
     lines += _other_reports(out_dir, datasets)
     if reference is not None:
-        from bench.reporting.reference import Reference, score_table
+        from bench.reporting.published import Reference, score_table
 
         published = Reference.load(reference)
         for dataset, data in loaded.items():
