@@ -176,11 +176,17 @@ def describe(obj) -> str:
     return " ".join(line.strip() for line in paragraph.splitlines())
 
 
+def describe_metric(metric) -> str:
+    """The docstring's first paragraph (a metric's ``description`` heads its report section) and its columns."""
+    paragraph = " ".join((metric.__doc__ or metric.title).strip().split("\n\n")[0].split())
+    return f"{paragraph} [{', '.join(column.name for column in metric.columns) or 'no column'}]"
+
+
 def plugin_sections():
     return [("datasets", DATASETS, lambda o: f"{describe(o)} [{o.info.num_classes} classes, {'x'.join(map(str, o.info.shape))}]"),
             ("models", MODELS, describe), ("attacks", ATTACKS, describe),
             ("defenses", DEFENSES, lambda o: f"({o.kind}) {describe(o)}"),
-            ("metrics", METRICS, lambda o: f"{describe(o)} [{', '.join(c.name for c in o.columns) or 'no column'}]"),
+            ("metrics", METRICS, describe_metric),
             ("profiles", PROFILES, lambda o: o.description)]
 
 
@@ -204,6 +210,7 @@ def command_list(args) -> None:
         return
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -212,7 +219,7 @@ def command_list(args) -> None:
         table.add_column(style="bold cyan", no_wrap=True)
         table.add_column()
         for name, obj in registry.items():
-            line = text(obj)
+            line = escape(text(obj))  # plugin text is not rich markup: "[min–max]" must print as written
             if args.verbose and hasattr(obj, "Config") and dataclasses.is_dataclass(obj.Config):
                 fields = ", ".join(f"{f.name}={_default(f)}" for f in dataclasses.fields(obj.Config))
                 line += f"\n  [dim]{fields or '(no options)'}[/dim]"

@@ -28,7 +28,9 @@ def detection_metrics(flagged: torch.Tensor, poisoned: torch.Tensor, num_samples
 
 @register_metric("detection")
 class Detection(Metric):
-    """Measured on the cells whose defense flags training samples (``DefenseResult.flagged``)."""
+    """Precision, recall and FPR of the training samples a defense flags, against the true poisoned indices.
+
+    Measured on the cells whose defense flags training samples (``DefenseResult.flagged``)."""
 
     title = "Detection of poisoned training samples"
     description = "Defenses that flag training samples, against the true poisoned indices (which they never see)."

@@ -48,8 +48,9 @@ class FeaturesConfig:
 
 @register_metric("features")
 class Features(Metric):
-    """Penultimate features for the report's t-SNE, on every cell whose model has ``features`` and
-    ``classifier`` (every ``ImageClassifier``)."""
+    """Penultimate features of clean and triggered test images, for the report's t-SNE.
+
+    Stored by every cell whose model has ``features`` and ``classifier`` (every ``ImageClassifier``)."""
 
     Config = FeaturesConfig
     title = "t-SNE of penultimate features"

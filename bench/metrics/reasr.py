@@ -426,8 +426,10 @@ def _computation(config: ScanConfig) -> dict:
 
 @register_metric("reasr")
 class Reasr(Metric):
-    """REASR of the cell's model by trigger inversion, on the rows ``rows`` names (the benign row
-    by default: the natural-backdoor measure). The reversed triggers are stored in the cell's
+    """REASR by trigger inversion: how much of held-out data a small reversed trigger sends to one label.
+
+    Measured on the rows ``rows`` names (the benign row by default: the natural-backdoor measure).
+    The reversed triggers are stored in the cell's
     ``scan.safetensors``. A model its defense left unchanged is the stage's own, and a scan is a
     deterministic function of the model and its settings: it is computed once per stage and
     settings (``Workspace.shared_result``) and every such cell reuses it; on the benign row that is

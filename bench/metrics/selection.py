@@ -311,7 +311,9 @@ class SelectionConfig:
 
 @register_metric("selection")
 class Selection(Metric):
-    """Measured on the cells whose defense declares the units it ablated (``DefenseResult.selection``),
+    """Did the units a defense ablated carry the backdoor: against an oracle's and a random choice.
+
+    Measured on the cells whose defense declares the units it ablated (``DefenseResult.selection``),
     on attacks with a trigger."""
 
     Config = SelectionConfig
