@@ -46,8 +46,13 @@ def test_a_metric_plugin_file_adds_columns_to_results_and_the_report(grid, regis
         # the defense did not run again: the same result, with the metric's columns and key added
         assert row["id"] == before[defense]["id"] and row["timings"]["defense_s"] == before[defense]["timings"]["defense_s"]
         assert {k: v for k, v in row["metrics"].items() if not k.startswith("target_conf")} == before[defense]["metrics"]
-        assert 0.0 <= row["metrics"]["target_conf_clean"] < row["metrics"]["target_conf"] <= 100.0, defense
+        assert 0.0 <= row["metrics"]["target_conf_clean"] <= 100.0 and 0.0 <= row["metrics"]["target_conf"] <= 100.0
         assert set(row["measurements"]) == set(before[defense]["measurements"]) | {"confidence"}
+    # The backdoored model gives its target far more probability on triggered images than on the same
+    # images clean: measured over seeds 0-2 x 1-2 threads (Xeon, AVX-512), 96.10-97.84% against
+    # 1.41-1.69%, a gap of 94.4-96.4 points; the bound leaves 44.
+    undefended = after["undefended"]["metrics"]
+    assert undefended["target_conf"] > undefended["target_conf_clean"] + 50
     assert "target_conf" in results(store, capsys, "--format", "csv").splitlines()[0]
     assert "target confidence" in results(store, capsys, "--metrics", "accuracy,confidence")
 
