@@ -20,7 +20,7 @@ import pandas as pd
 from bench.errors import BenchError
 from bench.reporting.catalog import REFERENCE
 from bench.reporting.collect import ReportData, Setup
-from bench.reporting.tables import DASH, compute_seconds, markdown_table
+from bench.reporting.tables import DASH, markdown_table
 
 CLASSES = (("removed", 25.0), ("partial", 75.0), ("kept", math.inf))  # (name, upper bound, exclusive)
 
@@ -102,11 +102,26 @@ def outcomes(reference: Reference, setup: Setup) -> list[Outcome]:
     return result
 
 
-def _cost_per_stage(setup: Setup) -> float | None:
-    """Wall seconds of the setup per attack stage (the stage and every cell on it): comparable
-    between setups that ran different numbers of attacks and seeds."""
-    stages = setup.cells["stage_id"].nunique()
-    return compute_seconds(setup) / stages if stages else None
+def _unit_costs(setup: Setup) -> dict[tuple[str, str], float]:
+    """Mean wall seconds of each (attack, defense) cell of the setup, and of each attack's stage
+    (key (attack, "")): what one seed of each costs."""
+    frame = setup.cells[setup.cells["status"] == "done"]
+    costs = {(attack, defense): float((group["defense_s"].fillna(0) + group["metrics_s"].fillna(0)).mean())
+             for (attack, defense), group in frame.groupby(["attack", "defense"])}
+    stages = frame.drop_duplicates("stage_id")
+    costs.update({(attack, ""): float(group["stage_s"].mean()) for attack, group in stages.groupby("attack")
+                  if group["stage_s"].notna().any()})
+    return costs
+
+
+def relative_cost(setup: Setup, base: Setup) -> tuple[float, int] | None:
+    """The setup's cost over the base setup's, on the stages and cells both finished (so a setup
+    that ran less is not cheaper for it), and how many kinds of stage and cell that compares."""
+    mine, theirs = _unit_costs(setup), _unit_costs(base)
+    common = [key for key in mine if key in theirs and theirs[key] > 0]
+    if not common:
+        return None
+    return sum(mine[key] for key in common) / sum(theirs[key] for key in common), len(common)
 
 
 def _base_setup(setups: list[Setup]) -> Setup:
@@ -118,21 +133,22 @@ def score_table(reference: Reference, data: ReportData) -> str | None:
     """One row per setup: outcomes reproduced of those it ran, seed spread, cost."""
     if not data.setups:
         return None
-    base = _cost_per_stage(_base_setup(data.setups))
+    base = _base_setup(data.setups)
     rows = []
     for setup in data.setups:
         found = outcomes(reference, setup)
         ran = [o for o in found if o.reproduced is not None]
         stds = [o.std for o in ran if o.std is not None]
-        seeds = sorted(setup.cells["seed"].unique().tolist())
-        cost = _cost_per_stage(setup)
+        seeds = sorted({len(o.asrs) for o in ran})
+        cost = relative_cost(setup, base)
         rows.append([setup.label, f"**{sum(o.reproduced for o in ran)}** / {len(ran)}",
-                     str(len(found) - len(ran)), ", ".join(map(str, seeds)),
-                     f"{sum(stds) / len(stds):.1f}" if stds else DASH, f"{max(stds):.1f}" if stds else DASH,
-                     f"{cost / 60:.1f}" if cost else DASH,
-                     f"{cost / base:.2f}×" if cost and base else DASH])
-    return markdown_table(["setup", "reproduced / ran", "not run", "seeds", "mean std of ASR", "largest std of ASR",
-                           "min per attack stage", "cost vs small-cnn"], rows)
+                     str(len(found) - len(ran)),
+                     DASH if not seeds else str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}",
+                     f"{sum(stds) / len(stds):.1f} ({len(stds)})" if stds else DASH, f"{max(stds):.1f}" if stds else DASH,
+                     f"{cost[0]:.2f}× ({cost[1]})" if cost else DASH])
+    return markdown_table(["setup", "reproduced / ran", "not run", "seeds per outcome",
+                           "mean std of ASR (outcomes)", "largest std of ASR", f"cost vs {base.label} (kinds compared)"],
+                          rows)
 
 
 def outcome_table(reference: Reference, data: ReportData) -> str | None:
@@ -171,5 +187,6 @@ def section(reference: Reference, data: ReportData, level: str = "##") -> list[s
             f"{reference.setting}. Each published ASR is a class: removed (< 25%), partial (25–75%), kept (≥ 75%); a "
             "setup reproduces an outcome when its mean ASR over seeds (the defense's default configuration) falls in "
             "the same class (docs/protocol.md, \"Fidelity to published results\"). Spread: sample std of ASR over "
-            "seeds, per outcome. Cost: wall minutes of the setup's stages and cells per attack stage.", "",
+            "seeds, per outcome with two seeds or more. Cost: mean wall time of each kind of stage and cell (attack, "
+            "defense) that both setups finished, summed, over the same sum for the first setup.", "",
             scores, "", outcome_table(reference, data), ""]
