@@ -62,8 +62,8 @@ SMOKE = _define(Profile(
 QUICK = _define(Profile(
     name="quick",
     description="CPU-friendly: small CNN, 10 epochs, defenses fine-tune 5 epochs (its grid cost: BENCHMARKS.md)",
-    # Chosen by reports/fidelity/: 14 of 23 published outcomes reproduced against resnet8-w16's 11
-    # (seed 0), at 1/2.64 of its grid's cost. What it cannot rank is on the README's first screen.
+    # Chosen by reports/fidelity/: 11 of 23 published outcomes (3-seed means), as resnet8-w16 on one
+    # seed, at 1/2.7 of its grid's cost. What it cannot rank is on the README's first screen.
     model="small-cnn",
     train=TrainConfig(epochs=10, batch_size=128, lr=0.05, schedule="cosine"),
     finetune=TrainConfig(epochs=5, batch_size=128, lr=0.01, schedule="cosine"),
