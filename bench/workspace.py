@@ -25,13 +25,29 @@ from bench.registry import ATTACKS, DATASETS
 from bench.spec import StageSpec, content_hash
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo; elsewhere what ``platform`` knows)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith(("model name", "Model")):  # x86 / ARM
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict[str, str]:
+    """What a result records of the machine that made it. The same code and seed give other floats
+    on other CPUs and kernel sets (AVX-512 vs AVX2 vs ARM), so seeds run on different machines
+    can be told apart in the report."""
     import torchvision
 
     from bench.device import describe
 
     return {"bench": bench.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": platform.python_version(), "device": describe(device), "host": platform.node()}
+            "python": platform.python_version(), "device": describe(device), "host": platform.node(),
+            "cpu": f"{cpu_name()} ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()} kernels)"}
 
 
 def peak_memory_mb(device: torch.device) -> float:

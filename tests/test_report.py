@@ -25,6 +25,7 @@ from bench.reporting.tables import HEADER
 from bench.runner import catalog_entries
 from bench.spec import CellSpec, StageSpec
 from bench.store import ResultStore
+from bench.workspace import cpu_name
 
 ENV = {"bench": "0.1.0", "torch": "test", "torchvision": "test", "python": "3", "device": "cpu (test)", "host": "test"}
 NONE_DEFAULT = {"max_reset_fraction": 0.03, "rounds": 1}
@@ -180,6 +181,11 @@ def test_results_table_holds_exactly_the_stored_numbers(fabricated):
     assert "NONE's ASR reduction vs undefended" in readme and f"{98.9 / 2.0:.2f}×" in readme
 
 
+def test_results_from_before_the_cpu_was_recorded_say_so(fabricated):
+    _, report, _ = fabricated
+    assert table_rows((report / "README.md").read_text(), "Setup")["**CPU**"] == ["not recorded"]
+
+
 def test_csv_round_trips_and_json_has_every_cell(fabricated):
     store, report, _ = fabricated
     with open(report / "results.csv", newline="") as handle:
@@ -288,6 +294,8 @@ def test_real_smoke_cell_gives_tsne_and_curves(smoke_cell, workspace, tmp_path):
     with Image.open(report / "figures" / "tsne.png") as image:
         image.verify()
     assert "no finished none cell" in readme  # the focus defense, NONE by default, did not run
+    # the machine that made the result is named: other CPUs give other floats for the same seed
+    assert table_rows(readme, "Setup")["**CPU**"][0].startswith(cpu_name())
     row = table_rows(readme, "## Results")["undefended"][0]
     assert row.startswith(f"{result['metrics']['c_acc']:.2f} / {result['metrics']['asr']:.2f} / ")
     assert (report / "figures" / "curves.png").is_file()

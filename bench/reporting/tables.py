@@ -225,6 +225,7 @@ def setup_table(setup: Setup, dataset: str, catalog) -> str:
     environments = [e for e in frame["environment"] if e]
     devices = sorted({e.get("device", "?") for e in environments})
     hosts = sorted({e.get("host", "?") for e in environments})
+    cpus = sorted({e["cpu"] for e in environments if e.get("cpu")})  # stores before 2026-12-05 lack it
     versions = sorted({f"bench {e.get('bench')}, torch {e.get('torch')}, torchvision {e.get('torchvision')}, "
                        f"python {e.get('python')}" for e in environments})
     finished = frame["finished"].dropna()
@@ -251,6 +252,7 @@ def setup_table(setup: Setup, dataset: str, catalog) -> str:
         ["poisoning", "; ".join(rates) or DASH],
         ["cells", ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "failed", "running", "interrupted") if counts.get(s, 0))],
         ["device", "; ".join(devices) or DASH], ["host", ", ".join(hosts) or DASH],
+        ["CPU", "; ".join(cpus) or "not recorded"],
         ["versions", "; ".join(versions) or DASH],
         ["results dated", f"{_utc(finished.min())} – {_utc(finished.max())}" if len(finished) else DASH],
         ["compute time", f"{compute_seconds(setup) / 60:.1f} min (sum of stage and cell wall times)"],
