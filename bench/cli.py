@@ -59,6 +59,17 @@ Reports read only the store and the artifact directories beside it: tables, figu
 Reproduce command per setup. NOTES.md beside a report's README.md is included verbatim.
 """
 
+EXPORT_EPILOG = """\
+examples:
+  python -m bench export --to reports/fashion-mnist/bench.sqlite   # runs/bench.sqlite, results only
+  cp reports/fashion-mnist/bench.sqlite runs/bench.sqlite && make bench SEEDS=0,1,2   # resumes: seed 0 stays done
+
+The copy holds every row of the store (stages, cells, catalog) but no model or figure: it is a
+few hundred KB where the artifacts are hundreds of MB. Where the copy is resumed, its finished
+cells stay done; a report drawn from it has tables but no per-cell figures, so draw the report
+from the store beside the artifacts.
+"""
+
 RESULTS_EPILOG = """\
 examples:
   python -m bench results                               # a table of every cell
@@ -151,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--metrics", default="accuracy", metavar="NAMES",
                          help="the table's metrics, a comma list or 'all' (default: accuracy); csv and json hold all")
 
+    export = commands.add_parser("export", help="copy the store's results without its artifacts, to commit or share",
+                                 description="Copy the store's results without its artifacts, to commit or share; "
+                                             "a run resumed from the copy keeps its finished cells.",
+                                 epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("--store", type=Path, default=DEFAULT_STORE, help=f"the store to copy (default: {DEFAULT_STORE})")
+    export.add_argument("--to", type=Path, required=True, metavar="FILE", help="the copy (replaced when it exists)")
+
     report = commands.add_parser("report", help="write reports/<dataset>/ and reports/README.md from the store",
                                  epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_argument("--store", type=Path, default=DEFAULT_STORE)
@@ -163,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--focus", default=None, metavar="DEFENSE",
                         help="the focus defense: headline ASR reduction factor and t-SNE panel (default: the defense "
                              "the store records as the benchmark's focus, NONE)")
-    for command in (run, lister, results, report):  # --plugin also after the command's name
+    for command in (run, lister, results, export, report):  # --plugin also after the command's name
         command.add_argument("--plugin", dest="plugins_after", action="append", default=[], metavar="FILE.py",
                              help=plugin_help)
     return parser
@@ -366,6 +384,13 @@ def command_results(args) -> None:
         print_summary(rows, catalog, metrics)
 
 
+def command_export(args) -> None:
+    from bench.store import ResultStore
+
+    done = ResultStore(args.store, create=False).export(args.to)
+    print(f"exported {done} finished cells from {args.store} to {args.to} (results only; artifacts stay beside {args.store})")
+
+
 def command_report(args) -> None:
     from bench import progress
     from bench.reporting import write_index, write_report
@@ -418,7 +443,8 @@ def _dispatch(args) -> int:
         load_builtin_plugins()
         for plugin in args.plugin:
             load_plugin_file(plugin)
-        command = {"run": command_run, "list": command_list, "results": command_results, "report": command_report}[args.command]
+        command = {"run": command_run, "list": command_list, "results": command_results,
+                   "export": command_export, "report": command_report}[args.command]
         return command(args) or 0
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -32,14 +32,17 @@ class RunOptions:
 
 
 def plan_pending(cells: list[CellSpec], store: ResultStore, retry_failed: bool = False) -> Plan:
-    """Cells not yet done (or whose artifacts vanished, or that lack a metric the grid asks for),
-    grouped under their stage, in grid order. Failed cells are retried only when asked: a
-    deterministic failure would fail again."""
+    """Cells not yet done (or whose artifacts vanished or are damaged, or that lack a metric the
+    grid asks for), grouped under their stage, in grid order. A cell from an exported store
+    (``ResultStore.export``) is done without artifacts, unless a damaged directory is there.
+    Failed cells are retried only when asked: a deterministic failure would fail again."""
     plan: dict[str, tuple[StageSpec, list[CellSpec]]] = {}
     for cell in cells:
-        status, measured = store.cell_measured(cell.id)
+        status, measured, exported = store.cell_measured(cell.id)
         measured_all = all(measured.get(name) == key for name, key in cell.metric_keys().items())
-        done = status == "done" and measured_all and is_intact(store.artifacts_root / cell.id)
+        directory = store.artifacts_root / cell.id
+        kept = is_intact(directory) or (exported and not directory.exists())
+        done = status == "done" and measured_all and kept
         if status == "failed" and not retry_failed:
             continue
         if not done:

@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS cells (
     config TEXT NOT NULL, status TEXT NOT NULL, error TEXT,
     metrics TEXT, timings TEXT, environment TEXT, details TEXT, started REAL, finished REAL,
     plugins TEXT,  -- JSON: the --plugin files and entry points the cell used, with their sha256
-    measurements TEXT  -- JSON: metric name -> {key, seconds, details} (bench/metric.py)
+    measurements TEXT,  -- JSON: metric name -> {key, seconds, details} (bench/metric.py)
+    artifacts TEXT  -- NULL: under the artifacts root, or 'not kept' (a copy made by `export`)
 );
 CREATE INDEX IF NOT EXISTS cells_by_dataset ON cells(dataset, status);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -56,7 +57,8 @@ CREATE TABLE IF NOT EXISTS claims (
 
 HEARTBEAT_S = 10.0   # how often a runner refreshes its claims
 STALE_S = 120.0      # a claim not refreshed for this long is taken over (an owner on another host died)
-INIT_ATTEMPTS = 10   # tries to create or open a store that another runner is creating at the same moment
+INIT_ATTEMPTS = 10
+NOT_KEPT = "not kept"  # cells.artifacts of a row copied by ``export``: its artifacts stayed behind   # tries to create or open a store that another runner is creating at the same moment
 
 
 def _host() -> str:
@@ -106,7 +108,7 @@ class ResultStore:
                     if statement.strip():
                         conn.execute(statement)
                 columns = {row[1] for row in conn.execute("PRAGMA table_info(cells)")}
-                for column in ("plugins", "measurements"):  # stores made before these were recorded
+                for column in ("plugins", "measurements", "artifacts"):  # stores made before these were recorded
                     if column not in columns:
                         conn.execute(f"ALTER TABLE cells ADD COLUMN {column} TEXT")
                 if artifacts_root is not None:
@@ -229,14 +231,16 @@ class ResultStore:
         self._write("UPDATE stages SET status='failed', error=?, finished=? WHERE id=?", (error, time.time(), stage_id))
 
     # --- cells -----------------------------------------------------------------------
-    def cell_measured(self, cell_id: str) -> tuple[str | None, dict[str, str]]:
-        """(status, metric name -> the key it was measured under) of a cell."""
+    def cell_measured(self, cell_id: str) -> tuple[str | None, dict[str, str], bool]:
+        """(status, metric name -> the key it was measured under, whether its artifacts were left
+        behind by ``export``) of a cell."""
         with closing(self._connect()) as conn:
-            row = conn.execute("SELECT status, measurements FROM cells WHERE id=?", (cell_id,)).fetchone()
+            row = conn.execute("SELECT status, measurements, artifacts FROM cells WHERE id=?", (cell_id,)).fetchone()
         if row is None:
-            return None, {}
+            return None, {}, False
         measurements = json.loads(row["measurements"]) if row["measurements"] else {}
-        return row["status"], {name: entry.get("key") for name, entry in measurements.items()}
+        return (row["status"], {name: entry.get("key") for name, entry in measurements.items()},
+                row["artifacts"] == NOT_KEPT)
 
     def cell_finished_at(self, cell_id: str) -> tuple[str, float | None] | None:
         """(status, finished) of a cell, or None when the store has no row for it."""
@@ -257,13 +261,37 @@ class ResultStore:
     def cell_done(self, cell_id: str, result: dict) -> None:
         started, finished = _wall(result)
         self._write("UPDATE cells SET status='done', error=NULL, metrics=?, timings=?, environment=?, details=?, "
-                    "measurements=?, started=COALESCE(?, started), finished=? WHERE id=?",
+                    "measurements=?, artifacts=NULL, started=COALESCE(?, started), finished=? WHERE id=?",
                     (json.dumps(result["metrics"]), json.dumps(result["timings"]), json.dumps(result.get("environment", {})),
                      json.dumps(result.get("details", {}), default=str),
                      json.dumps(result.get("measurements", {}), default=str), started, finished, cell_id))
 
     def cell_failed(self, cell_id: str, error: str) -> None:
         self._write("UPDATE cells SET status='failed', error=?, finished=? WHERE id=?", (error, time.time(), cell_id))
+
+    # --- copying -----------------------------------------------------------------------
+    def export(self, destination: str | Path) -> int:
+        """Copy the results, not the artifacts, to ``destination`` (replacing what is there), to be
+        committed or shared: its finished cells read as done where the copy is resumed, since
+        their artifacts were left behind on purpose, not lost (bench/runner.py, ``plan_pending``).
+        Claims are not copied. Returns the number of finished cells copied."""
+        destination = Path(destination)
+        if destination.resolve() == self.path.resolve():
+            raise BenchError(f"export needs another path than the store itself ({self.path})")
+        if destination.is_dir():
+            raise BenchError(f"export destination {destination} is a directory; give a file path, e.g. {destination / 'bench.sqlite'}")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        for suffix in ("-wal", "-shm"):  # a previous copy's journal would be replayed into the new one
+            Path(f"{destination}{suffix}").unlink(missing_ok=True)
+        with closing(self._connect()) as source, closing(sqlite3.connect(destination)) as copy:
+            source.backup(copy)
+            with copy:
+                copy.execute("DELETE FROM claims")
+                copy.execute("DELETE FROM meta WHERE key='artifacts_root'")  # the copy's artifacts are its own
+                copy.execute("UPDATE cells SET artifacts=? WHERE status='done'", (NOT_KEPT,))
+                done = copy.execute("SELECT COUNT(*) FROM cells WHERE status='done'").fetchone()[0]
+            copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, fit to commit
+        return done
 
     # --- reading -----------------------------------------------------------------------
     def cells(self, dataset: str | None = None, status: str | None = None) -> list[dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 ``run`` examples get ``--dry-run`` appended: it expands and checks the grid exactly as the run
 would (names, overrides, sweeps, plugin files, recipes) and stops before training, so a
-three-hour example is checked in a second. ``results`` and ``report`` examples run for real,
+three-hour example is checked in a second. ``results``, ``export`` and ``report`` examples run for real,
 in a scratch directory whose ``runs/bench.sqlite`` holds one finished smoke cell.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ def examples(epilog: str) -> list[list[str]]:
 
 
 RUN_EXAMPLES = examples(cli.RUN_EPILOG)
-STORE_EXAMPLES = examples(cli.REPORT_EPILOG) + examples(cli.RESULTS_EPILOG)
+STORE_EXAMPLES = examples(cli.REPORT_EPILOG) + examples(cli.RESULTS_EPILOG) + examples(cli.EXPORT_EPILOG)
 
 
 def test_every_command_with_examples_has_some():
@@ -77,6 +77,9 @@ def test_report_and_results_examples_run_as_printed(args, store_dir, capsys, mon
             assert f"`{focus}` has no cells here" in readme  # the store has only the undefended cell
     if "json" in args:
         assert json.loads(out)[0]["defense"] == "undefended"
+    if args[0] == "export":
+        copy = ResultStore(args[args.index("--to") + 1], create=False)
+        assert [(row["defense"], row["artifacts"]) for row in copy.cells()] == [("undefended", "not kept")]
 
 
 def test_dry_run_counts_what_the_store_already_holds(store_dir, capsys, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import os
 import platform
 import signal
@@ -19,6 +20,7 @@ import torch
 
 from bench import artifacts
 from bench.cli import main
+from bench.errors import BenchError
 from bench.store import ResultStore
 from tests.test_runner import REPO, bench
 
@@ -243,6 +245,35 @@ def test_plan_redoes_a_done_cell_whose_artifacts_are_damaged(scratch, tmp_path):
     _truncate(ws.root / cells["fp"].id / "model.safetensors")
     plan = plan_pending(list(cells.values()), store)
     assert [[c.defense for c in group] for _, group in plan] == [["fp"]]
+
+
+def test_an_exported_store_resumes_without_its_artifacts_but_a_plain_copy_does_not(scratch, tmp_path):
+    """Before: a store committed without its artifacts (reports/fashion-mnist/bench.sqlite) read
+    as 0 cells done where it was resumed, so "add seeds 1 and 2" recomputed seed 0 as well."""
+    from bench.cell import run_defense_cell
+    from bench.runner import plan_pending
+
+    ws, cells = scratch
+    store = ResultStore(tmp_path / "runs" / "bench.sqlite")
+    for cell in cells.values():
+        store.cell_running(cell)
+        store.cell_done(cell.id, run_defense_cell(cell, ws))
+    grid = list(cells.values())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copyfile(store.path, elsewhere / "copied.sqlite")  # a plain copy: the artifacts vanished
+    assert len(plan_pending(grid, ResultStore(elsewhere / "copied.sqlite"))) == 1
+
+    assert store.export(elsewhere / "exported.sqlite") == 2
+    exported = ResultStore(elsewhere / "exported.sqlite")
+    assert plan_pending(grid, exported) == []
+    assert {row["artifacts"] for row in exported.cells()} == {"not kept"}
+    assert [row["metrics"] for row in exported.cells()] == [row["metrics"] for row in store.cells()]
+
+    (elsewhere / cells["fp"].id).mkdir()  # a damaged directory where none should be: recomputed
+    assert [[c.defense for c in group] for _, group in plan_pending(grid, exported)] == [["fp"]]
+    with pytest.raises(BenchError, match="another path"):
+        store.export(store.path)
 
 
 def test_temporaries_of_dead_processes_are_removed(tmp_path):

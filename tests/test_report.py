@@ -631,3 +631,18 @@ def test_a_bad_reference_file_is_one_line(tmp_path, capsys):
                           (tmp_path / "none.json", "no reference file at")):
         assert cli.main(["report", "--store", str(tmp_path / "bench.sqlite"), "--reference", str(path)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_figures_come_from_the_lowest_seed_whose_artifacts_are_on_disk(tmp_path):
+    """A store resumed from an exported copy holds seed 0's results without artifacts: its
+    figures must come from seed 1, not be reported missing."""
+    import pandas as pd
+
+    from bench.reporting.collect import figure_seed
+
+    cells = pd.DataFrame({"id": ["c-s0", "c-s1", "c-s2"], "seed": [0, 1, 2]})
+    assert figure_seed(cells, tmp_path) == 0  # nothing on disk: the lowest seed, whose notes say so
+    (tmp_path / "c-s2").mkdir()
+    assert figure_seed(cells, tmp_path) == 2
+    (tmp_path / "c-s1").mkdir()
+    assert figure_seed(cells, tmp_path) == 1

@@ -310,3 +310,14 @@ def has_trigger(frame: pd.DataFrame, attack_label: str) -> bool:
     or stages measured an ASR (an attack with a trigger always has one)."""
     sub = frame[frame["attack_label"] == attack_label]
     return bool(sub["asr"].notna().any() or sub["undef_asr"].notna().any())
+
+
+def figure_seed(cells: pd.DataFrame, root: Path) -> int:
+    """The seed a per-cell figure is drawn from: the lowest seed with an artifact directory of
+    these cells on disk, else the lowest seed. A store resumed from an exported copy
+    (bench/store.py, ``export``) holds older seeds' results without their artifacts."""
+    seeds = sorted(int(seed) for seed in cells["seed"].unique())
+    for seed in seeds:
+        if any((root / cell_id).is_dir() for cell_id in cells.loc[cells["seed"] == seed, "id"]):
+            return seed
+    return seeds[0]

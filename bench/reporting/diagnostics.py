@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from bench.reporting.collect import ReportData, Setup
+from bench.reporting.collect import ReportData, Setup, figure_seed
 from bench.reporting.figures import FigureFile, _slug
 
 
@@ -28,7 +28,8 @@ def collect(data: ReportData, setup: Setup, figure_dir: Path,
         groups = []
         cells = frame[(frame["defense"] == defense) & (frame["status"] == "done")]
         for (attack, variant), sub in cells.groupby(["attack_label", "defense_label"], sort=False):
-            cell = sub.sort_values("seed").iloc[0]
+            seed = figure_seed(sub, data.artifacts_root)
+            cell = sub[sub["seed"] == seed].iloc[0]
             source = data.artifacts_root / cell["id"]
             failed = (cell["details"] or {}).get("figures_error")
             if failed:

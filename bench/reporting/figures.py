@@ -27,6 +27,7 @@ from bench.reporting.collect import (
     REFERENCE,
     Setup,
     aggregate,
+    figure_seed,
     has_trigger,
     lookup,
     short,
@@ -273,7 +274,7 @@ def _curve(history: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def curves(setup: Setup, palette: dict[str, str], root: Path, stem: Path) -> tuple[FigureFile | None, list[str]]:
-    """Per attack (first seed): the attack stage's test C-ACC/ASR per epoch, and each defense's
+    """Per attack (first seed with artifacts): the attack stage's test C-ACC/ASR per epoch, and each defense's
     training or fine-tuning curves, from the histories in the artifact directories."""
     primary = setup.primary()
     notes: list[str] = []
@@ -282,7 +283,7 @@ def curves(setup: Setup, palette: dict[str, str], root: Path, stem: Path) -> tup
         sub = primary[(primary["attack_label"] == attack) & (primary["stage_status"] == "done")]
         if sub.empty:
             continue
-        seed = sub["seed"].min()
+        seed = figure_seed(sub, root)
         sub = sub[sub["seed"] == seed]
         stage = read_history(root / sub.iloc[0]["stage_id"])
         lines = []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.reporting.collect import REFERENCE, ReportData, Setup, has_trigger
+from bench.reporting.collect import REFERENCE, ReportData, Setup, figure_seed, has_trigger
 from bench.reporting.figures import FigureFile, save, style
 
 FEATURES_FILE = "features.safetensors"
@@ -50,7 +50,7 @@ def _pick(cells, defense: str):
 
 
 def render(data: ReportData, setup: Setup, stem: Path, focus: str) -> tuple[FigureFile | None, list[str]]:
-    """One row per attack with a trigger, first seed: [undefended, focus defense], from the features
+    """One row per attack with a trigger, first seed with artifacts: [undefended, focus defense], from the features
     the cells stored. Returns the figure and notes on anything not shown, and why."""
     notes: list[str] = []
     frame = setup.cells
@@ -59,7 +59,7 @@ def render(data: ReportData, setup: Setup, stem: Path, focus: str) -> tuple[Figu
         if not has_trigger(frame, attack):
             continue
         sub = frame[frame["attack_label"] == attack]
-        seed = int(sub["seed"].min())
+        seed = figure_seed(sub, data.artifacts_root)
         sub = sub[sub["seed"] == seed]
         panels, labels, triggered, target = [], None, None, None
         for defense in (REFERENCE, focus):
