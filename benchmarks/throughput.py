@@ -6,7 +6,11 @@ through torchvision transforms, batched by a DataLoader with worker processes.
 
     python benchmarks/throughput.py [--repeats 3] [--samples 8192] [--out BENCHMARKS.md]
 
-Prints images/s for both and their ratio (median of the repeats) per configuration.
+Prints images/s for both and their ratio (median of the repeats) per configuration, and the
+model alone: the same optimisation steps on batches made before the clock starts (no sampling,
+no augmentation, no transfer). No input pipeline can beat that rate, so engine / model-alone says
+how much of the epoch the data path still costs, and toolbox / model-alone caps the ratio any
+pipeline could reach against the toolbox on that machine.
 """
 from __future__ import annotations
 
@@ -23,9 +27,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from bench.data.base import ImageSet, load_dataset
+from bench.data.base import ImageSet, load_dataset, to_unit
 from bench.data.synthetic import make_synthetic
-from bench.device import describe, resolve_device
+from bench.device import autocast, describe, memory_format, resolve_device
 from bench.engine import TrainConfig, train
 from bench.models import build_model
 from bench.registry import DATASETS
@@ -67,6 +71,29 @@ def toolbox_epoch(model, images: ImageSet, info, device, batch_size: int, worker
     return len(images) / (time.perf_counter() - started)
 
 
+def model_alone_epoch(model, images: ImageSet, device, batch_size: int) -> float:
+    """The optimisation steps alone: every batch is a [0, 1] float tensor in the model's layout,
+    on the device, before the clock starts."""
+    layout = memory_format(device)
+    model.to(memory_format=layout)
+    batches = [(to_unit(images.x[start:start + batch_size]).to(device).contiguous(memory_format=layout),
+                images.y[start:start + batch_size].to(device)) for start in range(0, len(images), batch_size)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for x, y in batches:
+        with autocast(device, True):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(images) / (time.perf_counter() - started)
+
+
 def engine_epoch(model, images: ImageSet, info, device, batch_size: int, compile: bool = False) -> float:
     # A compiled model's first epoch pays the compilation: its second epoch is the one measured.
     recipe = TrainConfig(epochs=2 if compile else 1, batch_size=batch_size, lr=0.01, compile=compile)
@@ -78,8 +105,10 @@ def engine_epoch(model, images: ImageSet, info, device, batch_size: int, compile
 
 def measure(label: str, model_name: str, images: ImageSet, info, device, repeats: int, batch_size: int, workers: int,
             compile: bool = False) -> dict:
-    engine_rates, toolbox_rates, compiled_rates = [], [], []
+    engine_rates, toolbox_rates, compiled_rates, alone_rates = [], [], [], []
     for _ in range(repeats):
+        torch.manual_seed(0)
+        alone_rates.append(model_alone_epoch(build_model(model_name, info).to(device), images, device, batch_size))
         torch.manual_seed(0)
         engine_rates.append(engine_epoch(build_model(model_name, info).to(device), images, info, device, batch_size))
         torch.manual_seed(0)
@@ -89,9 +118,13 @@ def measure(label: str, model_name: str, images: ImageSet, info, device, repeats
             compiled_rates.append(engine_epoch(build_model(model_name, info).to(device), images, info, device, batch_size,
                                                compile=True))
     engine_rate, toolbox_rate = statistics.median(engine_rates), statistics.median(toolbox_rates)
+    alone_rate = statistics.median(alone_rates)
     row = {"config": label, "model": model_name, "samples": len(images), "engine": engine_rate, "toolbox": toolbox_rate,
-           "ratio": engine_rate / toolbox_rate, "compiled": statistics.median(compiled_rates) if compile else None}
-    line = f"{label:<40} engine {engine_rate:9.0f} img/s   toolbox {toolbox_rate:9.0f} img/s   ratio {row['ratio']:.2f}x"
+           "ratio": engine_rate / toolbox_rate, "alone": alone_rate,
+           "compiled": statistics.median(compiled_rates) if compile else None}
+    line = (f"{label:<40} engine {engine_rate:9.0f} img/s   toolbox {toolbox_rate:9.0f} img/s   ratio {row['ratio']:.2f}x"
+            f"   model alone {alone_rate:9.0f} img/s (engine at {engine_rate / alone_rate:.0%} of it,"
+            f" ceiling ratio {alone_rate / toolbox_rate:.2f}x)")
     if compile:
         line += f"   engine+compile {row['compiled']:9.0f} img/s ({row['compiled'] / engine_rate:.2f}x the engine)"
     print(line, flush=True)
@@ -153,9 +186,11 @@ def main() -> None:
         stamp = datetime.date.today().isoformat()
         lines = [f"\n### Throughput, {stamp}, {describe(device)}, {platform.processor() or platform.machine()}, "
                  f"{os.cpu_count()} CPUs, workers={args.workers}, batch {args.batch_size}, median of {args.repeats}\n",
-                 "| configuration | images/epoch | engine img/s | toolbox img/s | ratio | engine + torch.compile img/s |",
-                 "|---|---|---|---|---|---|"]
+                 "| configuration | images/epoch | engine img/s | toolbox img/s | ratio | model alone img/s "
+                 "(engine's share; ceiling ratio) | engine + torch.compile img/s |",
+                 "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['config']} | {r['samples']} | {r['engine']:.0f} | {r['toolbox']:.0f} | {r['ratio']:.2f}x | "
+                  f"{r['alone']:.0f} ({r['engine'] / r['alone']:.0%}; {r['alone'] / r['toolbox']:.2f}x) | "
                   + (f"{r['compiled']:.0f} ({r['compiled'] / r['engine']:.2f}x) |" if r["compiled"] is not None else "not measured |")
                   for r in rows]
         seconds = standard_epoch_seconds(device)
