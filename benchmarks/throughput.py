@@ -57,18 +57,26 @@ def toolbox_epoch(model, images: ImageSet, info, device, batch_size: int, worker
     steps.append(transforms.ToTensor())
     loader = DataLoader(PILDataset(images, transforms.Compose(steps)), batch_size=batch_size, shuffle=True,
                         num_workers=workers, persistent_workers=False, pin_memory=device.type == "cuda")
+    batches = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
+    return len(images) / timed_steps(model, batches, device, amp=False)
+
+
+def timed_steps(model, batches, device, amp: bool) -> float:
+    """Seconds for one SGD step per batch of ``batches`` (an iterable: its own work is timed too)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     model.train()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     started = time.perf_counter()
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = F.cross_entropy(model(x), y)
+    for x, y in batches:
+        with autocast(device, amp):
+            loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return len(images) / (time.perf_counter() - started)
+    return time.perf_counter() - started
 
 
 def model_alone_epoch(model, images: ImageSet, device, batch_size: int) -> float:
@@ -78,20 +86,7 @@ def model_alone_epoch(model, images: ImageSet, device, batch_size: int) -> float
     model.to(memory_format=layout)
     batches = [(to_unit(images.x[start:start + batch_size]).to(device).contiguous(memory_format=layout),
                 images.y[start:start + batch_size].to(device)) for start in range(0, len(images), batch_size)]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    model.train()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for x, y in batches:
-        with autocast(device, True):
-            loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return len(images) / (time.perf_counter() - started)
+    return len(images) / timed_steps(model, batches, device, amp=True)  # autocast as the engine's default
 
 
 def engine_epoch(model, images: ImageSet, info, device, batch_size: int, compile: bool = False) -> float:
