@@ -9,8 +9,9 @@ through torchvision transforms, batched by a DataLoader with worker processes.
 Prints images/s for both and their ratio (median of the repeats) per configuration, and the
 model alone: the same optimisation steps on batches made before the clock starts (no sampling,
 no augmentation, no transfer). No input pipeline can beat that rate, so engine / model-alone says
-how much of the epoch the data path still costs, and toolbox / model-alone caps the ratio any
-pipeline could reach against the toolbox on that machine.
+how much of the epoch the data path still costs, and model-alone / toolbox caps the ratio any
+pipeline could reach against the toolbox on that machine. The model alone runs in the engine's
+precision (bf16 autocast on CUDA, fp32 on the CPU); the toolbox in fp32, as toolboxes do.
 """
 from __future__ import annotations
 
