@@ -8,6 +8,7 @@ logged) and the work is done again.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -19,6 +20,12 @@ from typing import Callable
 RESULT_FILE = "result.json"
 FILES_KEY = "files"   # result.json: {file name: sha256}
 TMP_MARK = ".tmp-"
+# What a report reads of an artifact directory besides the store (bench/reporting): per-epoch curves,
+# the figures a defense drew for its cell, the reversed triggers. ``export`` keeps these in the copied
+# store (bench/store.py), so a report made from that copy, on a machine without the artifacts, still
+# draws them. The t-SNE features (~150 KB a cell) and vector twins of the figures stay behind: a
+# committed store would grow by megabytes per stage.
+REPORT_FILES = ("history.json", "scan.safetensors", "*.png")
 
 
 class CorruptArtifact(Exception):
@@ -82,6 +89,29 @@ def finished(directory: Path, log: Callable[[str], None]) -> dict | None:
         log(f"[yellow]artifact {directory.name} is not usable ({exc.reason}): recomputing it[/yellow]")
         shutil.rmtree(directory, ignore_errors=True)
         return None
+
+
+def report_files(directory: Path) -> dict[str, bytes]:
+    """The ``REPORT_FILES`` of an artifact directory, each checked against the sha256 its result.json
+    records; a missing directory, or a file that is unlisted or altered, gives nothing for it."""
+    directory = Path(directory)
+    try:
+        listed = read_result(directory).get(FILES_KEY)
+    except CorruptArtifact:
+        return {}
+    if not isinstance(listed, dict):
+        return {}
+    kept = {}
+    for name, expected in sorted(listed.items()):
+        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in REPORT_FILES):
+            continue
+        try:
+            data = (directory / name).read_bytes()
+        except OSError:
+            continue
+        if hashlib.sha256(data).hexdigest() == expected:
+            kept[name] = data
+    return kept
 
 
 def is_intact(directory: Path) -> bool:

@@ -61,7 +61,7 @@ Reproduce command per setup. NOTES.md beside a report's README.md is included ve
 
 EXPORT_EPILOG = """\
 examples:
-  python -m bench export --to reports/fashion-mnist/bench.sqlite   # runs/bench.sqlite, results only
+  python -m bench export --to reports/fashion-mnist/bench.sqlite   # runs/bench.sqlite, without the models
   cp reports/fashion-mnist/bench.sqlite runs/bench.sqlite && make bench SEEDS=0,1,2   # resumes: seed 0 stays done
 
 The copy holds every row of the store (stages, cells, catalog) but no model or figure: it is a
@@ -164,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="copy the store's results without its artifacts, to commit or share",
                                  description="Copy the store's results without its artifacts, to commit or share; "
-                                             "a run resumed from the copy keeps its finished cells.",
+                                             "a run resumed from the copy keeps its finished cells. The files a "
+                                             "report draws (training curves, a defense's figures, reversed "
+                                             "triggers) go along, so the copy's report has them; the models and "
+                                             "the t-SNE features stay behind.",
                                  epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     export.add_argument("--store", type=Path, default=DEFAULT_STORE, help=f"the store to copy (default: {DEFAULT_STORE})")
     export.add_argument("--to", type=Path, required=True, metavar="FILE", help="the copy (replaced when it exists)")
@@ -388,7 +391,7 @@ def command_export(args) -> None:
     from bench.store import ResultStore
 
     done = ResultStore(args.store, create=False).export(args.to)
-    print(f"exported {done} finished cells from {args.store} to {args.to} (results only; artifacts stay beside {args.store})")
+    print(f"exported {done} finished cells from {args.store} to {args.to} (results and report files; models stay beside {args.store})")
 
 
 def command_report(args) -> None:

@@ -24,7 +24,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from bench.artifacts import pid_alive
+from bench.artifacts import pid_alive, report_files
 from bench.errors import BenchError
 
 SCHEMA = """
@@ -49,6 +49,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- What the report needs of each plugin (display names, metric columns, focus), recorded at run time
 -- so that a report never needs the plugins' code: kind (defense, attack, metric, profile), name, JSON.
 CREATE TABLE IF NOT EXISTS catalog (kind TEXT NOT NULL, name TEXT NOT NULL, info TEXT NOT NULL, PRIMARY KEY (kind, name));
+-- Files the report reads of the artifact directories (bench/artifacts.py, REPORT_FILES) of finished stages
+-- and cells, kept by `export` for a copy whose artifacts stay behind: id (stage or cell), file name, bytes.
+CREATE TABLE IF NOT EXISTS kept_files (id TEXT NOT NULL, name TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (id, name));
 CREATE TABLE IF NOT EXISTS claims (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL, token TEXT NOT NULL,
     claimed REAL NOT NULL, heartbeat REAL NOT NULL
@@ -57,8 +60,8 @@ CREATE TABLE IF NOT EXISTS claims (
 
 HEARTBEAT_S = 10.0   # how often a runner refreshes its claims
 STALE_S = 120.0      # a claim not refreshed for this long is taken over (an owner on another host died)
-INIT_ATTEMPTS = 10
-NOT_KEPT = "not kept"  # cells.artifacts of a row copied by ``export``: its artifacts stayed behind   # tries to create or open a store that another runner is creating at the same moment
+INIT_ATTEMPTS = 10   # tries to create or open a store that another runner is creating at the same moment
+NOT_KEPT = "not kept"  # cells.artifacts of a row copied by ``export``: its artifacts stayed behind
 
 
 def _host() -> str:
@@ -274,6 +277,9 @@ class ResultStore:
         """Copy the results, not the artifacts, to ``destination`` (replacing what is there), to be
         committed or shared: its finished cells read as done where the copy is resumed, since
         their artifacts were left behind on purpose, not lost (bench/runner.py, ``plan_pending``).
+        The few small files a report reads of them (curves, a defense's figures, reversed triggers)
+        go along in ``kept_files``, checked against their recorded sha256; those this store kept
+        from an earlier export stay unless the artifact directory is here to replace them.
         Claims are not copied. Returns the number of finished cells copied."""
         destination = Path(destination)
         if destination.resolve() == self.path.resolve():
@@ -289,8 +295,17 @@ class ResultStore:
                 copy.execute("DELETE FROM claims")
                 copy.execute("DELETE FROM meta WHERE key='artifacts_root'")  # the copy's artifacts are its own
                 copy.execute("UPDATE cells SET artifacts=? WHERE status='done'", (NOT_KEPT,))
+                finished = [row[0] for row in copy.execute("SELECT id FROM stages WHERE status='done' UNION "
+                                                           "SELECT id FROM cells WHERE status='done'")]
+                for item_id in finished:
+                    files = report_files(self.artifacts_root / item_id)
+                    if files:
+                        copy.execute("DELETE FROM kept_files WHERE id=?", (item_id,))
+                        copy.executemany("INSERT INTO kept_files VALUES (?,?,?)",
+                                         [(item_id, name, data) for name, data in files.items()])
                 done = copy.execute("SELECT COUNT(*) FROM cells WHERE status='done'").fetchone()[0]
             copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, fit to commit
+            copy.execute("VACUUM")  # replaced blobs would otherwise leave free pages in a committed file
         return done
 
     # --- reading -----------------------------------------------------------------------
@@ -333,6 +348,16 @@ class ResultStore:
         for row in rows:
             result.setdefault(row["kind"], {})[row["name"]] = json.loads(row["info"])
         return result
+
+    def kept_ids(self) -> set[str]:
+        """The stages and cells whose report files an export kept (``export``)."""
+        with closing(self._connect()) as conn:
+            return {row[0] for row in conn.execute("SELECT DISTINCT id FROM kept_files")}
+
+    def kept_files(self, item_id: str) -> dict[str, bytes]:
+        """File name -> bytes of what an export kept of a stage's or cell's artifact directory."""
+        with closing(self._connect()) as conn:
+            return {row[0]: bytes(row[1]) for row in conn.execute("SELECT name, data FROM kept_files WHERE id=?", (item_id,))}
 
     def datasets(self) -> list[str]:
         with closing(self._connect()) as conn:

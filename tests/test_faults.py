@@ -276,6 +276,22 @@ def test_an_exported_store_resumes_without_its_artifacts_but_a_plain_copy_does_n
         store.export(store.path)
 
 
+def test_export_keeps_only_report_files_that_match_their_recorded_hash(tmp_path):
+    """A report file altered after its cell finished must not travel with an export as if it were the
+    cell's; the model and the unlisted files stay behind."""
+    from bench.artifacts import ArtifactWriter, report_files
+
+    writer = ArtifactWriter(tmp_path / "c-1")
+    for name, data in (("history.json", b"[]"), ("scores.png", b"png"), ("model.safetensors", b"weights")):
+        (writer.tmp / name).write_bytes(data)
+    writer.commit({"metrics": {}})
+    assert report_files(tmp_path / "c-1") == {"history.json": b"[]", "scores.png": b"png"}
+    (tmp_path / "c-1" / "scores.png").write_bytes(b"edited")
+    (tmp_path / "c-1" / "late.png").write_bytes(b"not listed")
+    assert report_files(tmp_path / "c-1") == {"history.json": b"[]"}
+    assert report_files(tmp_path / "missing") == {}
+
+
 def test_temporaries_of_dead_processes_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

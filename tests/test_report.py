@@ -301,6 +301,39 @@ def test_real_smoke_cell_gives_tsne_and_curves(smoke_cell, workspace, tmp_path):
     assert (report / "figures" / "curves.png").is_file()
 
 
+def test_a_report_from_an_exported_store_draws_the_figures_its_artifacts_held(smoke_cell, workspace, tmp_path):
+    """Before: ``export`` copied the results alone, so the report regenerated from a committed copy
+    (reports/fidelity) on another machine lost its curves and NONE's diagnostics. The copy keeps the
+    files the report reads, and a copy of the copy still has them: the same PNGs are drawn."""
+    result = smoke_cell("badnets", "none")
+    spec = CellSpec.from_json(result["spec"])
+    store = ResultStore(workspace.root / f"export-{tmp_path.name}.sqlite")
+    store.record_catalog(catalog_entries())
+    store.stage_running(spec.stage)
+    store.stage_done(spec.stage.id, json.loads((workspace.root / spec.stage.id / "result.json").read_text()))
+    store.cell_running(spec)
+    store.cell_done(spec.id, result)
+    here = write_report(store, "synthetic", tmp_path / "here", tsne_figure=False)
+
+    store.export(tmp_path / "elsewhere" / "copy.sqlite")
+    ResultStore(tmp_path / "elsewhere" / "copy.sqlite").export(tmp_path / "further" / "copy.sqlite")
+    copy = ResultStore(tmp_path / "further" / "copy.sqlite")
+    assert not (copy.artifacts_root / spec.id).exists() and not (copy.artifacts_root / spec.stage.id).exists()
+    there = write_report(copy, "synthetic", tmp_path / "there", tsne_figure=False)
+
+    def pngs(report: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(report / "figures")): p.read_bytes() for p in (report / "figures").rglob("*.png")}
+
+    drawn, redrawn = pngs(here), pngs(there)
+    assert "curves.png" in drawn
+    diagnostics = [name for name in drawn if name.startswith("none/")]
+    assert diagnostics, "NONE drew no figures of its own for the smoke cell"
+    assert sorted(redrawn) == sorted(drawn)
+    for name in diagnostics:  # copied as the cell drew them
+        assert redrawn[name] == drawn[name]
+    assert "no none figures" not in (there / "README.md").read_text()
+
+
 # --- REASR (trigger inversion) -------------------------------------------------------------------
 # Bounds as fractions of the image area, and REASR % per (defense, seed) at each bound.
 SCAN_BOUNDS = (0.02, 0.06, 0.1)
@@ -638,11 +671,12 @@ def test_figures_come_from_the_lowest_seed_whose_artifacts_are_on_disk(tmp_path)
     figures must come from seed 1, not be reported missing."""
     import pandas as pd
 
-    from bench.reporting.collect import figure_seed
+    from bench.reporting.collect import ItemFiles, figure_seed
 
     cells = pd.DataFrame({"id": ["c-s0", "c-s1", "c-s2"], "seed": [0, 1, 2]})
-    assert figure_seed(cells, tmp_path) == 0  # nothing on disk: the lowest seed, whose notes say so
+    files = ItemFiles(tmp_path)
+    assert figure_seed(cells, files) == 0  # nothing on disk: the lowest seed, whose notes say so
     (tmp_path / "c-s2").mkdir()
-    assert figure_seed(cells, tmp_path) == 2
+    assert figure_seed(cells, files) == 2
     (tmp_path / "c-s1").mkdir()
-    assert figure_seed(cells, tmp_path) == 1
+    assert figure_seed(cells, files) == 1

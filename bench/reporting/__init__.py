@@ -203,7 +203,7 @@ def _section(data: ReportData, setup: Setup, figure_dir: Path, prefix: str, pale
             lines += _figure_lines(figures.heatmap(setup, column, figure_dir / f"{prefix}heatmap_{name}"), directory, sub)
     lines += _figure_lines(figures.scatter(setup, palette, figure_dir / f"{prefix}acc_vs_asr"), directory, sub)
     lines += _figure_lines(figures.bars(setup, palette, figure_dir / f"{prefix}bars"), directory, sub)
-    curve, curve_notes = figures.curves(setup, palette, data.artifacts_root, figure_dir / f"{prefix}curves")
+    curve, curve_notes = figures.curves(setup, palette, data.files, figure_dir / f"{prefix}curves")
     lines += _figure_lines(curve, directory, sub)
     notes += curve_notes
     sections, diag_notes = diagnostics.collect(data, setup, figure_dir, prefix)

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,13 +89,43 @@ class Setup:
         return self.cells[self.cells["primary"]]
 
 
+class ItemFiles:
+    """Where the report reads a stage's or cell's files: its artifact directory when it is on disk,
+    else what ``export`` kept of it in the store (bench/store.py), written out once to a temporary
+    directory that goes when this object does."""
+
+    def __init__(self, root: Path, store: ResultStore | None = None) -> None:
+        self.root = Path(root)
+        self._store = store
+        self._kept = store.kept_ids() if store is not None else set()
+        self._scratch: Path | None = None
+
+    def available(self, item_id: str) -> bool:
+        return (self.root / item_id).is_dir() or item_id in self._kept
+
+    def directory(self, item_id: str) -> Path:
+        """The directory holding the item's files (it may not exist: the readers say what is missing)."""
+        on_disk = self.root / item_id
+        if on_disk.is_dir() or item_id not in self._kept:
+            return on_disk
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="bench-report-"))
+            weakref.finalize(self, shutil.rmtree, self._scratch, True)
+        written = self._scratch / item_id
+        if not written.is_dir():
+            written.mkdir()
+            for name, data in self._store.kept_files(item_id).items():
+                (written / name).write_bytes(data)
+        return written
+
+
 @dataclass
 class ReportData:
     dataset: str
     cells: pd.DataFrame
     stages: dict[str, dict]
     setups: list[Setup]
-    artifacts_root: Path
+    files: ItemFiles
     catalog: Catalog = field(default_factory=Catalog)
     superseded: pd.DataFrame = field(default_factory=pd.DataFrame)  # older runs of the same settings
 
@@ -179,7 +212,7 @@ def load(store: ResultStore, dataset: str) -> ReportData:
         setups.sort(key=lambda s: (-(s.cells["status"] == "done").sum(), -s.cells["finished"].fillna(0).max()))
         _name_setups(setups)
         frame = pd.concat([s.cells for s in setups])
-    return ReportData(dataset=dataset, cells=frame, stages=stages, setups=setups, artifacts_root=store.artifacts_root,
+    return ReportData(dataset=dataset, cells=frame, stages=stages, setups=setups, files=ItemFiles(store.artifacts_root, store),
                       catalog=catalog, superseded=superseded)
 
 
@@ -312,12 +345,13 @@ def has_trigger(frame: pd.DataFrame, attack_label: str) -> bool:
     return bool(sub["asr"].notna().any() or sub["undef_asr"].notna().any())
 
 
-def figure_seed(cells: pd.DataFrame, root: Path) -> int:
-    """The seed a per-cell figure is drawn from: the lowest seed with an artifact directory of
-    these cells on disk, else the lowest seed. A store resumed from an exported copy
-    (bench/store.py, ``export``) holds older seeds' results without their artifacts."""
+def figure_seed(cells: pd.DataFrame, files: ItemFiles) -> int:
+    """The seed a per-cell figure is drawn from: the lowest seed with files of these cells (their
+    artifact directories, or what an export kept of them), else the lowest seed. A store resumed
+    from an exported copy (bench/store.py, ``export``) holds older seeds' results without their
+    artifacts, and an older copy kept none of their files."""
     seeds = sorted(int(seed) for seed in cells["seed"].unique())
     for seed in seeds:
-        if any((root / cell_id).is_dir() for cell_id in cells.loc[cells["seed"] == seed, "id"]):
+        if any(files.available(cell_id) for cell_id in cells.loc[cells["seed"] == seed, "id"]):
             return seed
     return seeds[0]

@@ -28,9 +28,9 @@ def collect(data: ReportData, setup: Setup, figure_dir: Path,
         groups = []
         cells = frame[(frame["defense"] == defense) & (frame["status"] == "done")]
         for (attack, variant), sub in cells.groupby(["attack_label", "defense_label"], sort=False):
-            seed = figure_seed(sub, data.artifacts_root)
+            seed = figure_seed(sub, data.files)
             cell = sub[sub["seed"] == seed].iloc[0]
-            source = data.artifacts_root / cell["id"]
+            source = data.files.directory(cell["id"])
             failed = (cell["details"] or {}).get("figures_error")
             if failed:
                 notes.append(f"{variant} x {attack}: {defense} figures failed to render ({failed})")

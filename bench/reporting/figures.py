@@ -25,6 +25,7 @@ from matplotlib.ticker import MaxNLocator
 
 from bench.reporting.collect import (
     REFERENCE,
+    ItemFiles,
     Setup,
     aggregate,
     figure_seed,
@@ -273,7 +274,7 @@ def _curve(history: list[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def curves(setup: Setup, palette: dict[str, str], root: Path, stem: Path) -> tuple[FigureFile | None, list[str]]:
+def curves(setup: Setup, palette: dict[str, str], files: ItemFiles, stem: Path) -> tuple[FigureFile | None, list[str]]:
     """Per attack (first seed with artifacts): the attack stage's test C-ACC/ASR per epoch, and each defense's
     training or fine-tuning curves, from the histories in the artifact directories."""
     primary = setup.primary()
@@ -283,12 +284,12 @@ def curves(setup: Setup, palette: dict[str, str], root: Path, stem: Path) -> tup
         sub = primary[(primary["attack_label"] == attack) & (primary["stage_status"] == "done")]
         if sub.empty:
             continue
-        seed = figure_seed(sub, root)
+        seed = figure_seed(sub, files)
         sub = sub[sub["seed"] == seed]
-        stage = read_history(root / sub.iloc[0]["stage_id"])
+        stage = read_history(files.directory(sub.iloc[0]["stage_id"]))
         lines = []
         for _, cell in sub[(sub["status"] == "done") & (sub["defense"] != REFERENCE)].iterrows():
-            history = read_history(root / cell["id"])
+            history = read_history(files.directory(cell["id"]))
             if _curve(history, "test_c_acc")[0]:
                 lines.append((cell["defense"], history))
         if _curve(stage, "test_c_acc")[0] or lines:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.reporting.collect import ReportData, Setup, aggregate, lookup, status_of
+from bench.reporting.collect import ItemFiles, ReportData, Setup, aggregate, lookup, status_of
 from bench.reporting.figures import FigureFile, _slug, save, style
 from bench.reporting.tables import (
     DASH,
@@ -127,28 +127,28 @@ def load_triggers(directory: Path, scan: dict):
         return None, f"{path} unreadable: {exc.__class__.__name__}: {exc}"
 
 
-def _first_triggers(cells: pd.DataFrame, root: Path):
+def _first_triggers(cells: pd.DataFrame, files: ItemFiles):
     """(row label, triggers, []) of the first seed whose triggers load, else (None, None, why not)."""
     reasons = []
     for _, cell in cells.sort_values("seed").iterrows():
         scan = scan_of(cell["measured"])
         if scan is None:
             continue
-        triggers, why = load_triggers(root / cell["id"], scan)
+        triggers, why = load_triggers(files.directory(cell["id"]), scan)
         if triggers is not None:
             return f"{cell['defense']} (seed {cell['seed']})", triggers, []
         reasons.append(why)
     return None, None, reasons
 
 
-def trigger_figure(cells: pd.DataFrame, root: Path, attack: str, stem: Path) -> tuple[FigureFile | None, list[str]]:
+def trigger_figure(cells: pd.DataFrame, files: ItemFiles, attack: str, stem: Path) -> tuple[FigureFile | None, list[str]]:
     """Rows: defenses (primary variants, first seed whose triggers load); columns: bounds."""
     from bench.reporting.reasr_figures import trigger_grid
 
     done = cells[cells["primary"] & (cells["status"] == "done")]
     rows, notes = {}, []
     for defense, sub in done.groupby("defense_label", sort=False):
-        label, triggers, reasons = _first_triggers(sub, root)
+        label, triggers, reasons = _first_triggers(sub, files)
         if triggers is not None:
             rows[label] = triggers
         elif reasons:
@@ -173,7 +173,7 @@ def collect(data: ReportData, setup: Setup, figure_dir: Path, prefix: str,
         block = Block(attack, reasr_table(cells, bounds, defenses))
         slug = _slug(attack)
         curve = curve_figure(cells, bounds, palette, attack, figure_dir / f"{prefix}reasr_{slug}")
-        grid, grid_notes = trigger_figure(cells, data.artifacts_root, attack, figure_dir / f"{prefix}triggers_{slug}")
+        grid, grid_notes = trigger_figure(cells, data.files, attack, figure_dir / f"{prefix}triggers_{slug}")
         block.figures = [f for f in (curve, grid) if f is not None]
         notes += grid_notes
         blocks.append(block)

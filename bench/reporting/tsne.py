@@ -59,7 +59,7 @@ def render(data: ReportData, setup: Setup, stem: Path, focus: str) -> tuple[Figu
         if not has_trigger(frame, attack):
             continue
         sub = frame[frame["attack_label"] == attack]
-        seed = figure_seed(sub, data.artifacts_root)
+        seed = figure_seed(sub, data.files)
         sub = sub[sub["seed"] == seed]
         panels, labels, triggered, target = [], None, None, None
         for defense in (REFERENCE, focus):
@@ -67,7 +67,7 @@ def render(data: ReportData, setup: Setup, stem: Path, focus: str) -> tuple[Figu
             if cell is None:
                 notes.append(f"{attack}: no finished {defense} cell for seed {seed}")
                 continue
-            path = data.artifacts_root / cell["id"] / FEATURES_FILE
+            path = data.files.directory(cell["id"]) / FEATURES_FILE
             if not path.is_file():
                 notes.append(f"{attack}: the {defense} cell {cell['id']} stored no features (it ran before cells stored "
                              "them, or with metric.features.samples=0)")
