@@ -149,6 +149,15 @@ def standard_epoch_seconds(device) -> float | None:
     return len(images) / history[-1]["images_per_s"]
 
 
+def fashion_images(samples: int, synthetic: bool):
+    """(row label, dataset info, training images) of the small-cnn row."""
+    if synthetic:
+        info = DATASETS.get("fashion-mnist").info
+        return "small-cnn, synthetic 28x28x1", info, make_synthetic(samples, 0, info.num_classes, 1, 28)[0]
+    info, train_set, _ = load_dataset("fashion-mnist")
+    return "small-cnn, Fashion-MNIST 28x28x1", info, train_set.subset(torch.arange(min(samples, len(train_set))))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -161,23 +170,25 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="append a results table to this markdown file")
     parser.add_argument("--synthetic", action="store_true",
                         help="synthetic 1x28x28 images instead of Fashion-MNIST (no dataset files, no download)")
+    parser.add_argument("--models", default="small-cnn,preact-resnet18",
+                        help="the rows to measure, a comma list of small-cnn and preact-resnet18 (default: both)")
     args = parser.parse_args()
+    models = [name.strip() for name in args.models.split(",") if name.strip()]
+    unknown = sorted(set(models) - {"small-cnn", "preact-resnet18"})
+    if unknown or not models:
+        parser.error(f"--models {args.models!r}: valid names are small-cnn and preact-resnet18")
     os.environ.setdefault("BENCH_PROGRESS", "0")
     device = resolve_device(args.device)
     rows = []
-    if args.synthetic:
-        info = DATASETS.get("fashion-mnist").info
-        fashion, _ = make_synthetic(args.samples, 0, info.num_classes, 1, 28)
-        label = "small-cnn, synthetic 28x28x1"
-    else:
-        info, train_set, _ = load_dataset("fashion-mnist")
-        fashion = train_set.subset(torch.arange(min(args.samples, len(train_set))))
-        label = "small-cnn, Fashion-MNIST 28x28x1"
-    rows.append(measure(label, "small-cnn", fashion, info, device, args.repeats, args.batch_size, args.workers, args.compile))
-    cifar_like = cifar_sized_info()
-    images, _ = make_synthetic(min(args.samples, 2048) if device.type == "cpu" else args.samples, 0, 10, 3, 32)
-    rows.append(measure("preact-resnet18, synthetic 32x32x3", "preact-resnet18", images, cifar_like, device, args.repeats,
-                        args.batch_size, args.workers, args.compile))
+    if "small-cnn" in models:
+        label, info, fashion = fashion_images(args.samples, args.synthetic)
+        rows.append(measure(label, "small-cnn", fashion, info, device, args.repeats, args.batch_size, args.workers,
+                            args.compile))
+    if "preact-resnet18" in models:
+        cifar_like = cifar_sized_info()
+        images, _ = make_synthetic(min(args.samples, 2048) if device.type == "cpu" else args.samples, 0, 10, 3, 32)
+        rows.append(measure("preact-resnet18, synthetic 32x32x3", "preact-resnet18", images, cifar_like, device,
+                            args.repeats, args.batch_size, args.workers, args.compile))
     if args.out:
         stamp = datetime.date.today().isoformat()
         lines = [f"\n### Throughput, {stamp}, {describe(device)}, {platform.processor() or platform.machine()}, "
