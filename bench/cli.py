@@ -64,10 +64,11 @@ examples:
   python -m bench export --to reports/fashion-mnist/bench.sqlite   # runs/bench.sqlite, without the models
   cp reports/fashion-mnist/bench.sqlite runs/bench.sqlite && make bench SEEDS=0,1,2   # resumes: seed 0 stays done
 
-The copy holds every row of the store (stages, cells, catalog) but no model or figure: it is a
-few hundred KB where the artifacts are hundreds of MB. Where the copy is resumed, its finished
-cells stay done; a report drawn from it has tables but no per-cell figures, so draw the report
-from the store beside the artifacts.
+The copy holds every row of the store (stages, cells, catalog) and the small files a report draws
+(training curves, a defense's figures, reversed triggers), but no model and no t-SNE features: it
+is a few hundred KB to a few MB where the artifacts are hundreds of MB. Where the copy is resumed,
+its finished cells stay done; a report drawn from it has every table and those figures, but no
+t-SNE panel (draw that from the store beside the artifacts).
 """
 
 RESULTS_EPILOG = """\

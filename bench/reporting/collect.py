@@ -212,8 +212,8 @@ def load(store: ResultStore, dataset: str) -> ReportData:
         setups.sort(key=lambda s: (-(s.cells["status"] == "done").sum(), -s.cells["finished"].fillna(0).max()))
         _name_setups(setups)
         frame = pd.concat([s.cells for s in setups])
-    return ReportData(dataset=dataset, cells=frame, stages=stages, setups=setups, files=ItemFiles(store.artifacts_root, store),
-                      catalog=catalog, superseded=superseded)
+    return ReportData(dataset=dataset, cells=frame, stages=stages, setups=setups,
+                      files=ItemFiles(store.artifacts_root, store), catalog=catalog, superseded=superseded)
 
 
 def _latest(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -275,8 +275,8 @@ def _curve(history: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def curves(setup: Setup, palette: dict[str, str], files: ItemFiles, stem: Path) -> tuple[FigureFile | None, list[str]]:
-    """Per attack (first seed with artifacts): the attack stage's test C-ACC/ASR per epoch, and each defense's
-    training or fine-tuning curves, from the histories in the artifact directories."""
+    """Per attack (first seed with files): the attack stage's test C-ACC/ASR per epoch, and each defense's
+    training or fine-tuning curves, from the cells' history.json (artifact directory, or kept by an export)."""
     primary = setup.primary()
     notes: list[str] = []
     panels = []
