@@ -149,13 +149,22 @@ def standard_epoch_seconds(device) -> float | None:
     return len(images) / history[-1]["images_per_s"]
 
 
-def fashion_images(samples: int, synthetic: bool):
-    """(row label, dataset info, training images) of the small-cnn row."""
+def small_cnn_row(samples: int, synthetic: bool, device):
+    """(label, dataset info, training images) of the small-cnn row: Fashion-MNIST, or synthetic 1x28x28."""
     if synthetic:
         info = DATASETS.get("fashion-mnist").info
         return "small-cnn, synthetic 28x28x1", info, make_synthetic(samples, 0, info.num_classes, 1, 28)[0]
     info, train_set, _ = load_dataset("fashion-mnist")
     return "small-cnn, Fashion-MNIST 28x28x1", info, train_set.subset(torch.arange(min(samples, len(train_set))))
+
+
+def preact_resnet18_row(samples: int, synthetic: bool, device):
+    """(label, dataset info, training images) of the PreAct-ResNet18 row: synthetic 3x32x32 (2048 at most on a CPU)."""
+    images, _ = make_synthetic(min(samples, 2048) if device.type == "cpu" else samples, 0, 10, 3, 32)
+    return "preact-resnet18, synthetic 32x32x3", cifar_sized_info(), images
+
+
+ROWS = {"small-cnn": small_cnn_row, "preact-resnet18": preact_resnet18_row}
 
 
 def main() -> None:
@@ -170,25 +179,20 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="append a results table to this markdown file")
     parser.add_argument("--synthetic", action="store_true",
                         help="synthetic 1x28x28 images instead of Fashion-MNIST (no dataset files, no download)")
-    parser.add_argument("--models", default="small-cnn,preact-resnet18",
-                        help="the rows to measure, a comma list of small-cnn and preact-resnet18 (default: both)")
+    parser.add_argument("--models", default=",".join(ROWS),
+                        help=f"the rows to measure, a comma list of {', '.join(ROWS)} (default: all)")
     args = parser.parse_args()
     models = [name.strip() for name in args.models.split(",") if name.strip()]
-    unknown = sorted(set(models) - {"small-cnn", "preact-resnet18"})
+    unknown = sorted(set(models) - set(ROWS))
     if unknown or not models:
-        parser.error(f"--models {args.models!r}: valid names are small-cnn and preact-resnet18")
+        parser.error(f"--models {args.models!r}: valid names are {', '.join(ROWS)}")
     os.environ.setdefault("BENCH_PROGRESS", "0")
     device = resolve_device(args.device)
     rows = []
-    if "small-cnn" in models:
-        label, info, fashion = fashion_images(args.samples, args.synthetic)
-        rows.append(measure(label, "small-cnn", fashion, info, device, args.repeats, args.batch_size, args.workers,
+    for model_name in models:
+        label, info, images = ROWS[model_name](args.samples, args.synthetic, device)
+        rows.append(measure(label, model_name, images, info, device, args.repeats, args.batch_size, args.workers,
                             args.compile))
-    if "preact-resnet18" in models:
-        cifar_like = cifar_sized_info()
-        images, _ = make_synthetic(min(args.samples, 2048) if device.type == "cpu" else args.samples, 0, 10, 3, 32)
-        rows.append(measure("preact-resnet18, synthetic 32x32x3", "preact-resnet18", images, cifar_like, device,
-                            args.repeats, args.batch_size, args.workers, args.compile))
     if args.out:
         stamp = datetime.date.today().isoformat()
         lines = [f"\n### Throughput, {stamp}, {describe(device)}, {platform.processor() or platform.machine()}, "
