@@ -72,8 +72,11 @@ class ResultStore:
     def __init__(self, path: str | Path, artifacts_root: str | Path | None = None, *, create: bool = True) -> None:
         """``artifacts_root`` defaults to the store's directory (<store dir>/<id>/); a
         different one (a shared filesystem for a cluster) is remembered in the store.
-        ``create=False`` opens an existing store only (for reading commands)."""
+        ``create=False`` opens an existing store only (for reading commands), and leaves its
+        journal mode as it is: an exported store is committed in rollback-journal mode, and
+        switching it to WAL on a mere read would change the committed file's bytes."""
         self.path = Path(path)
+        self.keeps_journal_mode = not create
         if self.path.is_dir():
             raise BenchError(f"results store {self.path} is a directory; give a file path, e.g. {self.path / 'bench.sqlite'}")
         if not self.path.exists():
@@ -127,7 +130,8 @@ class ResultStore:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=60)
         conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
+        if not self.keeps_journal_mode:  # WAL lets readers and several runners share the store
+            conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         return conn
 

@@ -265,6 +265,10 @@ def test_an_exported_store_resumes_without_its_artifacts_but_a_plain_copy_does_n
     assert len(plan_pending(grid, ResultStore(elsewhere / "copied.sqlite"))) == 1
 
     assert store.export(elsewhere / "exported.sqlite") == 2
+    # Before: any reading command switched the committed copy to WAL, so `git status` showed it changed.
+    committed = (elsewhere / "exported.sqlite").read_bytes()
+    assert main(["results", "--store", str(elsewhere / "exported.sqlite"), "--format", "json"]) == 0
+    assert (elsewhere / "exported.sqlite").read_bytes() == committed
     exported = ResultStore(elsewhere / "exported.sqlite")
     assert plan_pending(grid, exported) == []
     assert {row["artifacts"] for row in exported.cells()} == {"not kept"}
