@@ -76,7 +76,7 @@ class ResultStore:
         journal mode as it is: an exported store is committed in rollback-journal mode, and
         switching it to WAL on a mere read would change the committed file's bytes."""
         self.path = Path(path)
-        self.keeps_journal_mode = not create
+        self._keeps_journal_mode = not create
         if self.path.is_dir():
             raise BenchError(f"results store {self.path} is a directory; give a file path, e.g. {self.path / 'bench.sqlite'}")
         if not self.path.exists():
@@ -130,7 +130,7 @@ class ResultStore:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=60)
         conn.row_factory = sqlite3.Row
-        if not self.keeps_journal_mode:  # WAL lets readers and several runners share the store
+        if not self._keeps_journal_mode:  # WAL lets readers and several runners share the store
             conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         return conn
